@@ -1,0 +1,99 @@
+"""What the service's APIs take and give: the image input and the JSON schemas."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextvars
+import typing as t
+
+import numpy as np
+from bentoml.io import Image
+from pydantic import BaseModel, Field
+from starlette.requests import Request
+
+from .errors import InvalidImage, UnsupportedMediaType
+from .labels import top_k
+from .preprocessing import SUPPORTED_MEDIA_TYPES, prepare_image
+
+if t.TYPE_CHECKING:
+    from bentoml.grpc.v1 import service_pb2 as pb
+
+# Both doors set it per request: HTTP from ``?top_k=``, gRPC from the ``top_k``
+# metadata key (see ``guards``).
+requested_top_k: contextvars.ContextVar[int | None] = contextvars.ContextVar("requested_top_k", default=None)
+
+
+class ScoredLabel(BaseModel):
+    label: str = Field(examples=["Siamese cat"])
+    score: float = Field(ge=0, le=1, examples=[0.93])
+
+
+class Prediction(BaseModel):
+    label: str = Field(description="the most probable class", examples=["Siamese cat"])
+    score: float = Field(ge=0, le=1, description="its softmax probability", examples=[0.93])
+    top_k: list[ScoredLabel] = Field(description="the k most probable classes, best first")
+
+
+class BatchRequest(BaseModel):
+    images: list[str] = Field(
+        min_length=1,
+        description="base64 image files (standard or URL-safe alphabet)",
+        examples=[["/9j/4AAQSkZJRgABAQ..."]],
+    )
+    top_k: int | None = Field(default=None, ge=1, le=1000, examples=[5])
+
+
+class BatchPrediction(BaseModel):
+    predictions: list[Prediction]
+
+
+class ImageUpload(Image):
+    """``bentoml.io.Image`` that validates and preprocesses in the API worker.
+
+    It returns the model's uint8 input instead of a PIL image, answers bad input
+    with 4xx instead of 500, and keeps ``Image``'s OpenAPI schema and client spec.
+    """
+
+    def __init__(self, max_pixels: int) -> None:
+        super().__init__(allowed_mime_types=SUPPORTED_MEDIA_TYPES)
+        self.max_pixels = max_pixels
+
+    async def from_http_request(self, request: Request) -> np.ndarray:  # type: ignore[override]
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type == "multipart/form-data":
+            form = await request.form()
+            uploads = [value for value in form.values() if not isinstance(value, str)]
+            if not uploads:
+                raise InvalidImage("multipart form has no file: upload the image as a file field")
+            data = await uploads[0].read()
+        elif media_type.startswith("image/") or media_type == "application/octet-stream":
+            data = await request.body()
+        else:
+            raise UnsupportedMediaType(
+                f"Content-Type {media_type or '(none)'} is not an image: "
+                f"send one of {', '.join(SUPPORTED_MEDIA_TYPES)} or multipart/form-data"
+            )
+        return prepare_image(data, self.max_pixels)
+
+    async def from_proto(self, field: pb.File | bytes) -> np.ndarray:  # type: ignore[override]
+        data = field if isinstance(field, bytes) else field.content
+        return prepare_image(data, self.max_pixels)
+
+
+# Clients rebuild a plain ``bentoml.io.Image`` from the spec this descriptor serves.
+ImageUpload.descriptor_id = Image.descriptor_id
+
+
+def decode_base64_image(text: str) -> bytes:
+    """Standard or URL-safe base64, padding optional (TensorFlow Serving clients send either)."""
+    cleaned = text.strip().replace("-", "+").replace("_", "/")
+    try:
+        return base64.b64decode(cleaned + "=" * (-len(cleaned) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidImage("image is not valid base64") from None
+
+
+def to_prediction(probabilities: np.ndarray, class_names: list[str], k: int) -> Prediction:
+    ranked = [ScoredLabel(label=label, score=score) for label, score in top_k(probabilities, class_names, k)]
+    return Prediction(label=ranked[0].label, score=ranked[0].score, top_k=ranked)

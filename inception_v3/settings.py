@@ -1,0 +1,61 @@
+"""The project's settings, read from the same YAML file BentoML reads.
+
+BentoML takes its own sections (ports, workers, batching, timeouts) from the file
+named by ``BENTOML_CONFIG``; the project's limits live in that file too, under
+``services.inception_v3`` (BentoML's v1 schema leaves that section free-form).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_FILE = PROJECT_ROOT / "configuration.yaml"
+SERVICE_NAME = "inception_v3"
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_tag: str
+    http_port: int
+    grpc_port: int
+    grpc_metrics_port: int
+    runner_port: int
+    default_top_k: int
+    max_body_bytes: int
+    max_image_pixels: int
+    max_images_per_request: int
+    request_timeout_s: float
+    max_in_flight: int
+    config_file: Path
+
+
+def config_file() -> Path:
+    return Path(os.environ.get("BENTOML_CONFIG", DEFAULT_CONFIG_FILE))
+
+
+@functools.cache
+def load_settings() -> Settings:
+    path = config_file()
+    config = yaml.safe_load(path.read_text())
+    api_server = config["api_server"]
+    own = config["services"][SERVICE_NAME]
+    return Settings(
+        model_tag=os.environ.get("INCEPTION_V3_MODEL_TAG", own["model_tag"]),
+        http_port=api_server["http"]["port"],
+        grpc_port=api_server["grpc"]["port"],
+        grpc_metrics_port=api_server["grpc"]["metrics"]["port"],
+        runner_port=own["runner_port"],
+        default_top_k=own["default_top_k"],
+        max_body_bytes=own["max_body_bytes"],
+        max_image_pixels=own["max_image_pixels"],
+        max_images_per_request=own["max_images_per_request"],
+        request_timeout_s=api_server["traffic"]["timeout"],
+        max_in_flight=own["max_in_flight"],
+        config_file=path,
+    )

@@ -1,0 +1,291 @@
+"""TensorFlow Serving's doors on the same servers and the same runner.
+
+REST (mounted at ``/v1`` on the HTTP server) and gRPC (``PredictionService`` and
+``ModelService`` on the gRPC server) speak the reference model's contract: input
+``image``, a DT_STRING batch of URL-safe base64 image files; output ``output_0``,
+the top-1 labels. Existing TF Serving clients work unchanged. Requests go through
+the service's runner, so they share its batches with BentoML's own APIs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import sys
+import types
+import typing as t
+
+import numpy as np
+from bentoml.exceptions import BadInput, BentoMLException
+from google.protobuf import json_format
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from .api import decode_base64_image
+from .errors import InvalidImage, ModelNotFound
+from .labels import top_k
+from .preprocessing import prepare_image
+
+if t.TYPE_CHECKING:
+    import bentoml
+
+    from .settings import Settings
+
+
+def import_tf_serving_apis() -> types.SimpleNamespace:
+    """Import TF Serving's protobuf modules without starting TensorFlow itself.
+
+    They import ``tensorflow.core.*_pb2``, and importing anything under
+    ``tensorflow`` runs its ``__init__``: 5 s and 550 MB per API server. A bare
+    package object stands in while the (pure protobuf) modules load, then goes
+    away, so a later ``import tensorflow`` works as usual and reuses them.
+    """
+    stand_in = None
+    if "tensorflow" not in sys.modules:
+        location = importlib.util.find_spec("tensorflow").submodule_search_locations
+        stand_in = sys.modules["tensorflow"] = types.ModuleType("tensorflow")
+        stand_in.__path__ = list(location)
+    try:
+        pass
+    finally:
+        if stand_in is not None and sys.modules.get("tensorflow") is stand_in:
+            del sys.modules["tensorflow"]
+    return types.SimpleNamespace(**{k: v for k, v in locals().items() if k.endswith(("_pb2", "_grpc"))})
+
+
+pb = import_tf_serving_apis()
+SIGNATURE_NAME = "serving_default"
+INPUT_NAME = "image"
+OUTPUT_NAME = "output_0"
+IMAGE_SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM", b"RIFF")
+
+
+class ServedModel:
+    """The model as TF Serving clients see it: a name, one integer version, one signature."""
+
+    def __init__(
+        self, name: str, version: int, runner: bentoml.legacy.Runner, class_names: list[str], settings: Settings
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.runner = runner
+        self.class_names = class_names
+        self.settings = settings
+
+    def check(self, name: str, version: int | None = None, signature: str = "") -> None:
+        if name != self.name:
+            raise ModelNotFound(f"Servable not found for request: Latest({name})")
+        if version is not None and version != self.version:
+            raise ModelNotFound(f"Servable not found for request: Specific({name}, {version})")
+        if signature not in ("", SIGNATURE_NAME):
+            raise BadInput(f'Serving signature name: "{signature}" not found in signature def')
+
+    async def predict_labels(self, images: list[bytes]) -> list[str]:
+        if not images:
+            raise BadInput(f"input '{INPUT_NAME}' is empty: send at least one image")
+        if len(images) > self.settings.max_images_per_request:
+            raise BadInput(f"{len(images)} images in one request; the limit is {self.settings.max_images_per_request}")
+        pixels = await asyncio.gather(
+            *(asyncio.to_thread(prepare_image, data, self.settings.max_image_pixels) for data in images)
+        )
+        probabilities = await self.runner.classify.async_run(np.stack(pixels))
+        return [top_k(row, self.class_names, 1)[0][0] for row in probabilities]
+
+    def signature_def_map(self) -> t.Any:
+        def tensor_info(name: str) -> t.Any:
+            return pb.meta_graph_pb2.TensorInfo(
+                name=name,
+                dtype=pb.types_pb2.DT_STRING,
+                tensor_shape={"dim": [{"size": -1}]},
+            )
+
+        signature = pb.meta_graph_pb2.SignatureDef(
+            inputs={INPUT_NAME: tensor_info(f"{SIGNATURE_NAME}_{INPUT_NAME}:0")},
+            outputs={OUTPUT_NAME: tensor_info("StatefulPartitionedCall:0")},
+            method_name="tensorflow/serving/predict",
+        )
+        return pb.get_model_metadata_pb2.SignatureDefMap(signature_def={SIGNATURE_NAME: signature})
+
+    def status(self) -> t.Any:
+        return pb.get_model_status_pb2.GetModelStatusResponse(
+            model_version_status=[{"version": self.version, "state": "AVAILABLE", "status": {}}]
+        )
+
+
+def image_from_tensor_element(value: bytes) -> bytes:
+    """A DT_STRING element: base64 text of an image file (the reference), or the file itself."""
+    if value.startswith(IMAGE_SIGNATURES):
+        return value
+    try:
+        return decode_base64_image(value.decode("ascii"))
+    except UnicodeDecodeError:
+        raise InvalidImage("input 'image' holds neither base64 text nor an image file") from None
+
+
+def rest_value_to_image(value: t.Any) -> bytes:
+    if isinstance(value, dict) and set(value) == {"b64"} and isinstance(value["b64"], str):
+        return image_from_tensor_element(decode_base64_image(value["b64"]))
+    if isinstance(value, str):
+        return image_from_tensor_element(value.encode("ascii", "replace"))
+    raise InvalidImage(f"each '{INPUT_NAME}' value must be a base64 string or {{\"b64\": ...}}")
+
+
+def rest_images(body: t.Any) -> tuple[list[bytes], str]:
+    """Images from a TF Serving REST body, and the output key its format answers with."""
+    if not isinstance(body, dict):
+        raise BadInput('body must be a JSON object with "inputs" or "instances"')
+    if "instances" in body:
+        rows = body["instances"]
+        if not isinstance(rows, list):
+            raise BadInput('"instances" must be a list')
+        values = [row[INPUT_NAME] if isinstance(row, dict) and INPUT_NAME in row else row for row in rows]
+        return [rest_value_to_image(v) for v in values], "predictions"
+    if "inputs" in body:
+        inputs = body["inputs"]
+        values = inputs.get(INPUT_NAME) if isinstance(inputs, dict) and "b64" not in inputs else inputs
+        if not isinstance(values, list):
+            values = [values]
+        return [rest_value_to_image(v) for v in values], "outputs"
+    raise BadInput('body must be a JSON object with "inputs" or "instances"')
+
+
+def rest_app(model: ServedModel) -> Starlette:
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    def parse_path(request: Request) -> tuple[str, int | None, str]:
+        """``models/NAME[/versions/N][:verb]`` from the path; TF Serving puts ':predict' in the segment."""
+        rest = request.path_params["rest"]
+        path, _, verb = rest.partition(":")
+        parts = path.strip("/").split("/")
+        version = None
+        if len(parts) >= 3 and parts[1] == "versions":
+            if not parts[2].lstrip("-").isdigit():
+                raise ModelNotFound(f"Malformed version: {parts[2]}")
+            version = int(parts[2])
+            parts = [parts[0], *parts[3:]]
+        model.check(parts[0], version)
+        tail = "/".join(parts[1:])
+        return tail, version, verb
+
+    async def models(request: Request) -> JSONResponse:
+        try:
+            tail, version, verb = parse_path(request)
+            if request.method == "GET" and not verb and tail == "":
+                return JSONResponse(json_format.MessageToDict(model.status(), preserving_proto_field_name=True))
+            if request.method == "GET" and not verb and tail == "metadata":
+                return JSONResponse(metadata_json(model, version))
+            if request.method == "POST" and verb == "predict" and tail == "":
+                try:
+                    body = json.loads(await request.body())
+                except ValueError as parse_error:
+                    raise BadInput(f"body is not valid JSON: {parse_error}") from None
+                images, output_key = rest_images(body)
+                if body.get("signature_name"):
+                    model.check(model.name, version, body["signature_name"])
+                return JSONResponse({output_key: await model.predict_labels(images)})
+            return error(
+                404, f"no such TensorFlow Serving route: {request.method} /v1/models/{request.path_params['rest']}"
+            )
+        except BentoMLException as exc:
+            return error(int(exc.error_code), exc.message)
+
+    return Starlette(routes=[Route("/models/{rest:path}", models, methods=["GET", "POST"])])
+
+
+def metadata_json(model: ServedModel, version: int | None) -> dict[str, t.Any]:
+    signature_defs = json_format.MessageToDict(model.signature_def_map(), preserving_proto_field_name=True)
+    return {
+        "model_spec": {
+            "name": model.name,
+            "signature_name": "",
+            "version": str(version if version is not None else model.version),
+        },
+        "metadata": {"signature_def": signature_defs},
+    }
+
+
+def grpc_servicers(model: ServedModel) -> list[tuple[type, t.Callable[..., None], list[str]]]:
+    import grpc
+
+    async def abort_with(context: grpc.aio.ServicerContext, exc: BentoMLException) -> None:
+        from bentoml.grpc.utils import grpc_status_code
+
+        await context.abort(grpc_status_code(exc), exc.message)
+
+    def spec_version(spec: t.Any) -> int | None:
+        return spec.version.value if spec.HasField("version") else None
+
+    class PredictionService(pb.prediction_service_pb2_grpc.PredictionServiceServicer):
+        async def Predict(self, request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:  # noqa: N802
+            try:
+                model.check(
+                    request.model_spec.name, spec_version(request.model_spec), request.model_spec.signature_name
+                )
+                if set(request.inputs) != {INPUT_NAME}:
+                    raise BadInput(f"expected exactly one input named '{INPUT_NAME}', got {sorted(request.inputs)}")
+                tensor = request.inputs[INPUT_NAME]
+                if tensor.dtype != pb.types_pb2.DT_STRING:
+                    raise BadInput(f"input '{INPUT_NAME}' must be DT_STRING")
+                labels = await model.predict_labels([image_from_tensor_element(v) for v in tensor.string_val])
+            except BentoMLException as exc:
+                await abort_with(context, exc)
+            response = pb.predict_pb2.PredictResponse()
+            response.model_spec.name = model.name
+            response.model_spec.version.value = model.version
+            response.model_spec.signature_name = SIGNATURE_NAME
+            output = response.outputs[OUTPUT_NAME]
+            output.dtype = pb.types_pb2.DT_STRING
+            output.tensor_shape.dim.add(size=len(labels))
+            output.string_val.extend(label.encode() for label in labels)
+            return response
+
+        async def GetModelMetadata(self, request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:  # noqa: N802
+            try:
+                model.check(request.model_spec.name, spec_version(request.model_spec))
+                if list(request.metadata_field) != ["signature_def"]:
+                    raise BadInput("metadata_field must be ['signature_def']")
+            except BentoMLException as exc:
+                await abort_with(context, exc)
+            response = pb.get_model_metadata_pb2.GetModelMetadataResponse()
+            response.model_spec.name = model.name
+            response.model_spec.version.value = model.version
+            response.metadata["signature_def"].Pack(model.signature_def_map())
+            return response
+
+    class ModelService(pb.model_service_pb2_grpc.ModelServiceServicer):
+        async def GetModelStatus(self, request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:  # noqa: N802
+            try:
+                model.check(request.model_spec.name, spec_version(request.model_spec))
+            except BentoMLException as exc:
+                await abort_with(context, exc)
+            return model.status()
+
+    return [
+        (
+            PredictionService,
+            pb.prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server,
+            ["tensorflow.serving.PredictionService"],
+        ),
+        (
+            ModelService,
+            pb.model_service_pb2_grpc.add_ModelServiceServicer_to_server,
+            ["tensorflow.serving.ModelService"],
+        ),
+    ]
+
+
+def install(
+    svc: bentoml.legacy.Service,
+    runner: bentoml.legacy.Runner,
+    bento_model: bentoml.Model,
+    class_names: list[str],
+    settings: Settings,
+) -> None:
+    model = ServedModel(svc.name, bento_model.info.metadata["serving_version"], runner, class_names, settings)
+    svc.mount_asgi_app(rest_app(model), path="/v1")
+    for servicer, add_to_server, names in grpc_servicers(model):
+        svc.mount_grpc_servicer(servicer, add_to_server, names)

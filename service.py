@@ -1,0 +1,88 @@
+"""Inception v3 as a BentoML service: image in, label out, over HTTP and gRPC.
+
+    bentoml serve service:svc        # HTTP (BentoML APIs, Swagger UI, TF Serving REST)
+    bentoml serve-grpc service:svc   # gRPC (BentoML APIs, TF Serving PredictionService)
+
+The API workers decode and resize; the runner batches concurrent requests for
+the model (BentoML adaptive batching). gRPC serving exists only for BentoML's
+legacy Service API, hence ``bentoml.legacy``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import bentoml
+import numpy as np
+from bentoml.io import JSON
+
+from inception_v3 import guards, tfserving
+from inception_v3.api import (
+    BatchPrediction,
+    BatchRequest,
+    ImageUpload,
+    Prediction,
+    decode_base64_image,
+    requested_top_k,
+    to_prediction,
+)
+from inception_v3.errors import InvalidImage
+from inception_v3.preprocessing import prepare_image
+from inception_v3.runner import InceptionV3Runnable
+from inception_v3.settings import SERVICE_NAME, load_settings
+
+settings = load_settings()
+bento_model = bentoml.models.get(settings.model_tag)
+class_names: list[str] = bento_model.custom_objects["class_names"]
+
+runner = bentoml.legacy.Runner(
+    InceptionV3Runnable,
+    name=SERVICE_NAME,
+    models=[bento_model],
+    runnable_init_params={
+        "bento_model": bento_model,
+        "warmup_batch_sizes": (1, 2, 4, 8, settings.max_images_per_request),
+    },
+)
+svc = bentoml.legacy.Service(SERVICE_NAME, runners=[runner])
+
+
+async def classify(pixels: np.ndarray, k: int | None) -> list[Prediction]:
+    probabilities = await runner.classify.async_run(pixels)
+    k = k or requested_top_k.get() or settings.default_top_k
+    return [to_prediction(row, class_names, k) for row in probabilities]
+
+
+@svc.api(
+    input=ImageUpload(max_pixels=settings.max_image_pixels),
+    output=JSON(pydantic_model=Prediction),
+    route="predict",
+)
+async def predict(pixels: np.ndarray) -> Prediction:
+    """Classify one image (JPEG, PNG, WebP, BMP or GIF). `?top_k=N` sets how many classes come back."""
+    (prediction,) = await classify(pixels[np.newaxis], None)
+    return prediction
+
+
+@svc.api(
+    input=JSON(pydantic_model=BatchRequest),
+    output=JSON(pydantic_model=BatchPrediction),
+    route="predict_batch",
+)
+async def predict_batch(request: BatchRequest) -> BatchPrediction:
+    """Classify several base64-encoded images in one request; they share one runner batch."""
+    if len(request.images) > settings.max_images_per_request:
+        raise InvalidImage(
+            f"{len(request.images)} images in one request; the limit is {settings.max_images_per_request}"
+        )
+    pixels = await asyncio.gather(
+        *(
+            asyncio.to_thread(prepare_image, decode_base64_image(text), settings.max_image_pixels)
+            for text in request.images
+        )
+    )
+    return BatchPrediction(predictions=await classify(np.stack(pixels), request.top_k))
+
+
+guards.install(svc, settings)
+tfserving.install(svc, runner, bento_model, class_names, settings)
