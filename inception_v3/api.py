@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextvars
@@ -48,7 +49,7 @@ class BatchPrediction(BaseModel):
     predictions: list[Prediction]
 
 
-class ImageUpload(Image):
+class ImageUpload(Image, proto_fields=Image.proto_fields):
     """``bentoml.io.Image`` that validates and preprocesses in the API worker.
 
     It returns the model's uint8 input instead of a PIL image, answers bad input
@@ -74,14 +75,14 @@ class ImageUpload(Image):
                 f"Content-Type {media_type or '(none)'} is not an image: "
                 f"send one of {', '.join(SUPPORTED_MEDIA_TYPES)} or multipart/form-data"
             )
-        return prepare_image(data, self.max_pixels)
+        return await asyncio.to_thread(prepare_image, data, self.max_pixels)
 
     async def from_proto(self, field: pb.File | bytes) -> np.ndarray:  # type: ignore[override]
         data = field if isinstance(field, bytes) else field.content
-        return prepare_image(data, self.max_pixels)
+        return await asyncio.to_thread(prepare_image, data, self.max_pixels)
 
 
-# Clients rebuild a plain ``bentoml.io.Image`` from the spec this descriptor serves.
+# Not registered under its own id: clients rebuild a plain ``bentoml.io.Image`` from its spec.
 ImageUpload.descriptor_id = Image.descriptor_id
 
 

@@ -22,6 +22,7 @@ SERVICE_NAME = "inception_v3"
 @dataclass(frozen=True)
 class Settings:
     model_tag: str
+    http_host: str
     http_port: int
     grpc_port: int
     grpc_metrics_port: int
@@ -47,6 +48,7 @@ def load_settings() -> Settings:
     own = config["services"][SERVICE_NAME]
     return Settings(
         model_tag=os.environ.get("INCEPTION_V3_MODEL_TAG", own["model_tag"]),
+        http_host=api_server["http"]["host"],
         http_port=api_server["http"]["port"],
         grpc_port=api_server["grpc"]["port"],
         grpc_metrics_port=api_server["grpc"]["metrics"]["port"],

@@ -35,6 +35,17 @@ if t.TYPE_CHECKING:
     from .settings import Settings
 
 
+TF_SERVING_MODULES = (
+    "tensorflow.core.framework.types_pb2",
+    "tensorflow.core.protobuf.meta_graph_pb2",
+    "tensorflow_serving.apis.get_model_metadata_pb2",
+    "tensorflow_serving.apis.get_model_status_pb2",
+    "tensorflow_serving.apis.model_service_pb2_grpc",
+    "tensorflow_serving.apis.predict_pb2",
+    "tensorflow_serving.apis.prediction_service_pb2_grpc",
+)
+
+
 def import_tf_serving_apis() -> types.SimpleNamespace:
     """Import TF Serving's protobuf modules without starting TensorFlow itself.
 
@@ -49,11 +60,12 @@ def import_tf_serving_apis() -> types.SimpleNamespace:
         stand_in = sys.modules["tensorflow"] = types.ModuleType("tensorflow")
         stand_in.__path__ = list(location)
     try:
-        pass
+        return types.SimpleNamespace(
+            **{name.rpartition(".")[2]: importlib.import_module(name) for name in TF_SERVING_MODULES}
+        )
     finally:
         if stand_in is not None and sys.modules.get("tensorflow") is stand_in:
             del sys.modules["tensorflow"]
-    return types.SimpleNamespace(**{k: v for k, v in locals().items() if k.endswith(("_pb2", "_grpc"))})
 
 
 pb = import_tf_serving_apis()
