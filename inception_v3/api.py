@@ -57,7 +57,8 @@ class ImageUpload(Image, proto_fields=Image.proto_fields):
     """
 
     def __init__(self, max_pixels: int) -> None:
-        super().__init__(allowed_mime_types=SUPPORTED_MEDIA_TYPES)
+        # PNG: what BentoML's client encodes images as before sending them (lossless).
+        super().__init__(mime_type="image/png", allowed_mime_types=SUPPORTED_MEDIA_TYPES)
         self.max_pixels = max_pixels
 
     async def from_http_request(self, request: Request) -> np.ndarray:  # type: ignore[override]

@@ -1,0 +1,66 @@
+# Two commands on a fresh machine:
+#   make serve   set up (venv, pinned packages, model) and serve HTTP :8501 and gRPC :8500
+#   make test    set up and run the whole test suite
+# WEIGHTS picks the model make serve saves when the store has none:
+#   imagenet (default, Keras download) | random (offline) | /path/to/weights.h5 (offline)
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WEIGHTS ?= imagenet
+RUN_DIR := .run
+BENTO_TAG := inception_v3:latest
+
+export BENTOML_CONFIG ?= $(CURDIR)/configuration.yaml
+export PYTHONUNBUFFERED := 1
+
+ifeq ($(WEIGHTS),imagenet)
+WEIGHTS_ARGS :=
+else ifeq ($(WEIGHTS),random)
+WEIGHTS_ARGS := --random-weights
+else
+WEIGHTS_ARGS := --weights $(WEIGHTS)
+endif
+
+.PHONY: setup model serve stop test lint bench build_all run image-test audit clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -c constraints.txt
+	touch $@
+
+model: setup
+	@$(PY) -c "import bentoml; bentoml.models.get('inception_v3:latest')" 2>/dev/null \
+		&& echo "model: $$($(VENV)/bin/bentoml models get inception_v3:latest -o json | $(PY) -c 'import json,sys; m=json.load(sys.stdin); print(m["name"]+":"+m["version"], "-", m["metadata"]["weights"])')" \
+		|| $(PY) save_model.py $(WEIGHTS_ARGS)
+
+serve: model stop
+	@mkdir -p $(RUN_DIR)
+	nohup $(PY) -m inception_v3.launcher > $(RUN_DIR)/serve.log 2>&1 & echo $$! > $(RUN_DIR)/serve.pid
+	@$(PY) -m inception_v3.launcher --wait-ready --timeout 180 || { tail -n 30 $(RUN_DIR)/serve.log; $(MAKE) --no-print-directory stop; exit 1; }
+	@echo "HTTP  http://localhost:8501  (Swagger UI at /, TF Serving REST at /v1/models/inception_v3)"
+	@echo "gRPC  localhost:8500         (bentoml.grpc.v1.BentoService, tensorflow.serving.PredictionService)"
+	@echo "logs  $(RUN_DIR)/serve.log; stop with: make stop"
+
+stop:
+	@if [ -f $(RUN_DIR)/serve.pid ]; then \
+		pid=$$(cat $(RUN_DIR)/serve.pid); \
+		if kill -TERM $$pid 2>/dev/null; then \
+			echo "stopping server (pid $$pid)"; \
+			for i in $$(seq 1 90); do kill -0 $$pid 2>/dev/null || break; sleep 0.5; done; \
+		fi; \
+		rm -f $(RUN_DIR)/serve.pid; \
+	fi
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean: stop
+	rm -rf $(RUN_DIR) build .pytest_cache

@@ -1,0 +1,1 @@
+"""Python client for the Inception v3 service (REST and gRPC)."""

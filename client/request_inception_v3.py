@@ -1,0 +1,134 @@
+"""Classify an image with the Inception v3 service, the reference client's way.
+
+    python -m client.request_inception_v3 --image_file ./cat.jpg --format grpc   # or rest
+    python -m client.request_inception_v3 --metadata
+
+REST goes through BentoML's Python HTTP client (``/predict``), gRPC through
+BentoML's gRPC protocol (``bentoml.grpc.v1.BentoService/Call``). It prints the
+label; ``--top_k N`` prints N labels with their scores. Errors are one line on
+stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from inception_v3.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from inception_v3.preprocessing import prepare_image
+from inception_v3.settings import load_settings
+
+MODEL_NAME = "inception_v3"
+
+
+def classify_rest(image: bytes, target: str, port: int, timeout_s: float, top_k: int | None) -> dict[str, Any]:
+    from bentoml.client import SyncHTTPClient
+    from bentoml.exceptions import BentoMLException
+    from PIL import Image
+
+    # Resized here with the service's own preprocessing and sent as PNG: BentoML's
+    # client re-encodes images, and PNG keeps that lossless; 299x299 is also less to send.
+    pixels = Image.fromarray(prepare_image(image))
+    with SyncHTTPClient.from_url(f"http://{target}:{port}") as http_client:
+        http_client.client.timeout = timeout_s
+        if top_k:
+            http_client.client.params = {"top_k": top_k}
+        try:
+            return http_client.call("predict", pixels)
+        except BentoMLException as error:  # "Error making request: 400: b'{...}'"
+            status, _, body = str(error).removeprefix("Error making request: ").partition(": ")
+            raise ServiceError(f"HTTP {status}: {error_message(body.removeprefix('b').strip(chr(39)))}") from None
+
+
+def classify_grpc(image: bytes, target: str, port: int, timeout_s: float, top_k: int | None) -> dict[str, Any]:
+    import grpc
+    from bentoml.grpc.v1 import service_pb2, service_pb2_grpc
+    from google.protobuf.json_format import MessageToDict
+
+    # BentoML's own gRPC client classes are broken in 1.4 (issue 4683); its stub works.
+    with grpc.insecure_channel(f"{target}:{port}") as channel:
+        request = service_pb2.Request(api_name="predict", file=service_pb2.File(kind="image/jpeg", content=image))
+        metadata = [("top_k", str(top_k))] if top_k else None
+        try:
+            response = service_pb2_grpc.BentoServiceStub(channel).Call(request, timeout=timeout_s, metadata=metadata)
+        except grpc.RpcError as error:
+            raise ServiceError(f"gRPC {error.code().name}: {error.details()}") from None
+    return MessageToDict(response.json)
+
+
+def metadata_rest(target: str, port: int, timeout_s: float) -> dict[str, Any]:
+    import httpx
+
+    response = httpx.get(f"http://{target}:{port}/v1/models/{MODEL_NAME}/metadata", timeout=timeout_s)
+    if response.status_code != 200:
+        raise ServiceError(f"HTTP {response.status_code}: {error_message(response.text)}")
+    return response.json()
+
+
+class ServiceError(Exception):
+    pass
+
+
+def error_message(body: str) -> str:
+    try:
+        return json.loads(body)["error"]
+    except (ValueError, KeyError, TypeError):
+        return body.strip()[:200]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--format",
+        "-f",
+        default="grpc",
+        type=str.lower,
+        choices=["grpc", "rest"],
+        help="GRPC or REST request (default grpc)",
+    )
+    parser.add_argument("--image_file", "-i", default="./cat.jpg", type=Path, help="input image file path")
+    parser.add_argument("--target", "-t", default="localhost", help="target address")
+    parser.add_argument("--port", "-p", type=int, help="server port (default: 8500 for gRPC, 8501 for REST)")
+    parser.add_argument("--timeout_second", "-s", default=5, type=float, help="timeout in seconds")
+    parser.add_argument("--top_k", "-k", type=int, help="print the k best labels with their scores")
+    parser.add_argument("--metadata", action="store_true", help="print the model's metadata (REST)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = load_settings()
+    port = args.port or (settings.grpc_port if args.format == "grpc" and not args.metadata else settings.http_port)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("bentoml").setLevel(logging.ERROR)
+    try:
+        if args.metadata:
+            print(json.dumps(metadata_rest(args.target, port, args.timeout_second), indent=2))
+            return 0
+        image = args.image_file.read_bytes()
+        classify = classify_grpc if args.format == "grpc" else classify_rest
+        prediction = classify(image, args.target, port, args.timeout_second, args.top_k)
+    except OSError as error:
+        print(f"error: {error.strerror or error}: {getattr(error, 'filename', '') or args.image_file}", file=sys.stderr)
+        return 2
+    except (ServiceError, InvalidImage, UnsupportedMediaType, PayloadTooLarge) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:  # connection refused, timeouts: one line, not a traceback
+        print(f"error: cannot reach {args.format} server at {args.target}:{port}: {error}", file=sys.stderr)
+        return 1
+    if args.top_k:
+        for entry in prediction["top_k"]:
+            print(f"{entry['label']}\t{entry['score']:.4f}")
+    else:
+        print(prediction["label"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

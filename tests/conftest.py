@@ -1,0 +1,123 @@
+"""Shared fixtures: an isolated model store with a random-weights model, the
+in-process reference model, and real BentoML servers (HTTP and gRPC) on free ports.
+
+The model store and the configuration are set in the environment before BentoML
+reads them, so the suite never touches ``~/bentoml`` or the ports of a running
+``make serve``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CAT_JPEG = ROOT / "cat.jpg"
+WORK_DIR = Path(tempfile.mkdtemp(prefix="inception-v3-tests-"))
+TEST_CONFIG = WORK_DIR / "configuration.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_test_config() -> None:
+    """The project's configuration, with every port moved to a free one."""
+    config = yaml.safe_load((ROOT / "configuration.yaml").read_text())
+    config["api_server"]["http"]["port"] = free_port()
+    config["api_server"]["grpc"]["port"] = free_port()
+    config["api_server"]["grpc"]["metrics"]["port"] = free_port()
+    config["services"]["inception_v3"]["runner_port"] = free_port()
+    TEST_CONFIG.write_text(yaml.safe_dump(config))
+
+
+write_test_config()
+os.environ["BENTOML_HOME"] = str(WORK_DIR / "bentoml")
+os.environ["BENTOML_CONFIG"] = str(TEST_CONFIG)
+os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+sys.path.insert(0, str(ROOT))
+
+Classify = Callable[[bytes], dict]
+
+
+@pytest.fixture(scope="session")
+def cat_jpeg() -> bytes:
+    return CAT_JPEG.read_bytes()
+
+
+@pytest.fixture(scope="session")
+def saved_model() -> str:
+    """A random-weights Inception v3 in the test store (no download on these machines)."""
+    import bentoml
+
+    import save_model
+
+    assert save_model.main(["--random-weights", "--seed", "7"]) == 0
+    return str(bentoml.models.get("inception_v3:latest").tag)
+
+
+@pytest.fixture(scope="session")
+def reference_classify(saved_model: str) -> Classify:
+    """The in-process answer: the same preprocessing and the same saved model, no server."""
+    import bentoml
+
+    from inception_v3.api import to_prediction
+    from inception_v3.preprocessing import prepare_image
+
+    bento_model = bentoml.models.get(saved_model)
+    module = bentoml.tensorflow.load_model(bento_model)
+    class_names = bento_model.custom_objects["class_names"]
+
+    def classify(image: bytes, k: int = 5) -> dict:
+        probabilities = module(prepare_image(image)[np.newaxis]).numpy()[0]
+        return to_prediction(probabilities, class_names, k).model_dump()
+
+    return classify
+
+
+@pytest.fixture(scope="session")
+def servers_context() -> Iterator[contextlib.ExitStack]:
+    with contextlib.ExitStack() as stack:
+        yield stack
+
+
+@pytest.fixture(scope="session")
+def http_address(saved_model: str, servers_context: contextlib.ExitStack) -> str:
+    """``bentoml serve`` of the built Bento, as a real subprocess: "127.0.0.1:PORT"."""
+    from bentoml.testing.server import host_bento
+
+    return servers_context.enter_context(
+        host_bento(project_path=str(ROOT), config_file=str(TEST_CONFIG), clean_context=servers_context, timeout=240)
+    )
+
+
+@pytest.fixture(scope="session")
+def grpc_address(saved_model: str, servers_context: contextlib.ExitStack) -> str:
+    """``bentoml serve-grpc`` of the built Bento, as a real subprocess: "127.0.0.1:PORT"."""
+    from bentoml.testing.server import host_bento
+
+    return servers_context.enter_context(
+        host_bento(
+            project_path=str(ROOT),
+            config_file=str(TEST_CONFIG),
+            use_grpc=True,
+            clean_context=servers_context,
+            timeout=240,
+        )
+    )
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)

@@ -1,0 +1,94 @@
+"""Real ``bentoml serve`` and ``bentoml serve-grpc`` processes, queried with the
+project's client: the served answer equals the in-process model's answer."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+
+import httpx
+import pytest
+
+from client import request_inception_v3 as client
+from tests.conftest import CAT_JPEG, split_address
+
+pytestmark = pytest.mark.servers
+
+
+def test_http_predict_equals_in_process(http_address, cat_jpeg, reference_classify):
+    host, port = split_address(http_address)
+    served = client.classify_rest(cat_jpeg, host, port, timeout_s=30, top_k=None)
+    expected = reference_classify(cat_jpeg)
+    assert served["label"] == expected["label"]
+    assert [e["label"] for e in served["top_k"]] == [e["label"] for e in expected["top_k"]]
+    assert served["score"] == pytest.approx(expected["score"], rel=1e-4)
+    scores = [e["score"] for e in served["top_k"]]
+    assert len(scores) == 5 and scores == sorted(scores, reverse=True)
+
+
+def test_grpc_predict_equals_in_process(grpc_address, cat_jpeg, reference_classify):
+    host, port = split_address(grpc_address)
+    served = client.classify_grpc(cat_jpeg, host, port, timeout_s=30, top_k=3)
+    expected = reference_classify(cat_jpeg, k=3)
+    assert served["label"] == expected["label"]
+    assert [e["label"] for e in served["top_k"]] == [e["label"] for e in expected["top_k"]]
+
+
+def test_http_top_k_query(http_address, cat_jpeg):
+    response = httpx.post(
+        f"http://{http_address}/predict?top_k=12", content=cat_jpeg, headers={"Content-Type": "image/jpeg"}
+    )
+    assert response.status_code == 200
+    assert len(response.json()["top_k"]) == 12
+
+
+def test_predict_batch_api(http_address, cat_jpeg, reference_classify):
+    import base64
+
+    images = [base64.b64encode(cat_jpeg).decode(), base64.urlsafe_b64encode(cat_jpeg).decode()]
+    response = httpx.post(f"http://{http_address}/predict_batch", json={"images": images, "top_k": 2}, timeout=30)
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert [p["label"] for p in predictions] == [reference_classify(cat_jpeg)["label"]] * 2
+    assert all(len(p["top_k"]) == 2 for p in predictions)
+
+
+def test_concurrent_requests_are_batched(http_address, cat_jpeg):
+    def predict(_: int) -> int:
+        return httpx.post(
+            f"http://{http_address}/predict", content=cat_jpeg, headers={"Content-Type": "image/jpeg"}, timeout=60
+        ).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        assert set(pool.map(predict, range(48))) == {200}
+    metrics = httpx.get(f"http://{http_address}/metrics").text
+    batches = batch_size_histogram(metrics)
+    assert batches["images"] >= 48
+    # Fewer runner calls than images: batches held more than one image on average.
+    assert batches["count"] < batches["images"], batches
+
+
+def batch_size_histogram(metrics: str) -> dict[str, float]:
+    def total(pattern: str) -> float:
+        return sum(float(v) for v in re.findall(pattern + r"\} ([0-9.e+]+)", metrics))
+
+    prefix = r"bentoml_runner_adaptive_batch_size"
+    return {"count": total(prefix + r"_count\{[^}]*"), "images": total(prefix + r"_sum\{[^}]*")}
+
+
+def test_client_cli_prints_label(http_address, grpc_address, reference_classify, capsys):
+    expected = reference_classify(CAT_JPEG.read_bytes())["label"]
+    for fmt, address in (("rest", http_address), ("grpc", grpc_address)):
+        host, port = split_address(address)
+        assert client.main(["-f", fmt, "-i", str(CAT_JPEG), "-t", host, "--port", str(port)]) == 0
+        assert capsys.readouterr().out.strip() == expected
+
+
+def test_client_cli_errors_are_one_line(http_address, tmp_path, capsys):
+    host, port = split_address(http_address)
+    assert client.main(["-f", "rest", "-i", str(tmp_path / "missing.jpg"), "-t", host, "--port", str(port)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    for fmt in ("rest", "grpc"):
+        assert client.main(["-f", fmt, "-t", "127.0.0.1", "--port", "9", "-s", "2"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and err.count("\n") == 1
