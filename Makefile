@@ -23,7 +23,7 @@ else
 WEIGHTS_ARGS := --weights $(WEIGHTS)
 endif
 
-.PHONY: setup model serve stop test lint bench build_all run image-test audit clean
+.PHONY: setup model serve stop test lint clean
 
 setup: $(VENV)/.installed
 
@@ -64,3 +64,9 @@ lint: setup
 
 clean: stop
 	rm -rf $(RUN_DIR) build .pytest_cache
+
+# --- deployable image (bentoml build / containerize) -------------------------
+
+# --- hardening: browser, audit ---------------------------------------------
+
+# --- benchmark ----------------------------------------------------------------
