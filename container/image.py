@@ -1,0 +1,220 @@
+"""Build and run the service's container image with Docker or, where no Docker engine runs, buildah.
+
+    python -m container.image build [--bento inception_v3:latest] [--tag inception_v3:latest ...]
+    python -m container.image run [--tag inception_v3:latest] [--config FILE]
+    python -m container.image stop
+    python -m container.image remove [--tag inception_v3:latest ...]
+
+``build`` is ``bentoml containerize``; with buildah it first builds a Debian base
+offline (container/build-base.sh) and passes it as the BASE_IMAGE build argument.
+``run`` starts the image's default command (HTTP and gRPC from one runner) in the
+background and records the container in a state file for ``stop``. The ports are
+those of the image's configuration file, or of ``--config``, mounted over it.
+
+The backend is $CONTAINER_BACKEND, else docker when its engine answers, else
+buildah. buildah runs with $BUILDAH_ISOLATION (default chroot) and
+$STORAGE_DRIVER (default vfs), which work without cgroup delegation or overlay
+mounts. Chroot isolation shares the host's network, so the ports are the host's;
+and ``buildah run`` ignores the image's entrypoint and command: ``run`` reads
+them from the image and passes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE_IMAGE = "localhost/inception-v3-base:bookworm"
+DEFAULT_TAG = "inception_v3:latest"
+DEFAULT_STATE_FILE = ROOT / ".run" / "container.json"
+CONTAINER_CONFIG = "/home/bentoml/run-configuration.yaml"
+STOP_TIMEOUT_S = 90
+
+
+@dataclass(frozen=True)
+class Container:
+    backend: str
+    name: str
+    image: str
+    pid: int  # buildah: the `buildah run` process on this host; docker: 0
+    log: str  # buildah: its output; docker: `docker logs NAME`
+
+
+def backend_env(backend: str) -> dict[str, str]:
+    env = dict(os.environ)
+    if backend == "buildah":
+        env.setdefault("BUILDAH_ISOLATION", "chroot")
+        env.setdefault("STORAGE_DRIVER", "vfs")
+        # BentoML asks buildah for the OCI format, which has no HEALTHCHECK.
+        env.setdefault("BUILDAH_FORMAT", "docker")
+    return env
+
+
+def detect_backend() -> str:
+    if chosen := os.environ.get("CONTAINER_BACKEND"):
+        return chosen
+    if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
+        return "docker"
+    if shutil.which("buildah"):
+        return "buildah"
+    raise SystemExit("error: no container engine: start Docker, or install buildah and debootstrap")
+
+
+def engine(backend: str, *args: str, capture: bool = False) -> str:
+    completed = subprocess.run(
+        [backend, *args], env=backend_env(backend), check=True, text=True, capture_output=capture
+    )
+    return completed.stdout.strip() if capture else ""
+
+
+def build(bento: str, tags: list[str], backend: str) -> None:
+    command = [str(Path(sys.executable).with_name("bentoml")), "containerize", bento, "--backend", backend]
+    for tag in tags:
+        command += ["--image-tag", tag]
+    if backend == "buildah":
+        subprocess.run(
+            [ROOT / "container" / "build-base.sh", BASE_IMAGE],
+            env={**backend_env(backend), "PYTHON": sys.executable},
+            check=True,
+        )
+        command += ["--opt", f"build-arg=BASE_IMAGE={BASE_IMAGE}"]
+    # BentoML issue 5566: containerize refuses a dockerfile_template whose copy (in a
+    # temporary directory) is outside the working directory; run it from there.
+    subprocess.run(command, env=backend_env(backend), check=True, cwd=tempfile.gettempdir())
+
+
+def configured_ports(config: Path) -> list[int]:
+    api_server = yaml.safe_load(config.read_text())["api_server"]
+    return [api_server["http"]["port"], api_server["grpc"]["port"], api_server["grpc"]["metrics"]["port"]]
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def image_command(tag: str) -> list[str]:
+    """The image's entrypoint and command, as Docker would run them."""
+    config = json.loads(engine("buildah", "inspect", "--type", "image", tag, capture=True))["OCIv1"]["config"]
+    return [*config.get("Entrypoint", []), *config.get("Cmd", [])]
+
+
+def run(tag: str, name: str, config: Path | None, state_file: Path) -> Container:
+    if state_file.exists():
+        raise SystemExit(f"error: a container is already recorded in {state_file}: stop it first")
+    backend = detect_backend()
+    ports = configured_ports(config or ROOT / "configuration.yaml")
+    if busy := [port for port in ports if port_in_use(port)]:
+        raise SystemExit(f"error: ports {busy} are in use (a `make serve` or another container?)")
+    mount = [] if config is None else ["-v", f"{config.resolve()}:{CONTAINER_CONFIG}:ro"]
+    env = [] if config is None else ["-e", f"BENTOML_CONFIG={CONTAINER_CONFIG}"]
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    if backend == "docker":
+        published = [arg for port in ports for arg in ("-p", f"{port}:{port}")]
+        engine("docker", "run", "--detach", "--rm", "--name", name, *published, *mount, *env, tag)
+        container = Container(backend, name, tag, pid=0, log=f"docker logs {name}")
+    else:
+        engine("buildah", "from", "--name", name, tag, capture=True)
+        log = state_file.with_suffix(".log")
+        with log.open("wb") as output:
+            process = subprocess.Popen(
+                ["buildah", "run", *mount, *env, name, "--", *image_command(tag)],
+                env=backend_env(backend),
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        container = Container(backend, name, tag, pid=process.pid, log=str(log))
+    state_file.write_text(json.dumps(asdict(container)))
+    return container
+
+
+def load(state_file: Path) -> Container | None:
+    return Container(**json.loads(state_file.read_text())) if state_file.exists() else None
+
+
+def main_process(container: Container) -> psutil.Process | None:
+    """The container's first process (the launcher), as seen from this host."""
+    if container.backend == "docker":
+        pid = int(engine("docker", "inspect", "--format", "{{.State.Pid}}", container.name, capture=True))
+        return psutil.Process(pid) if pid else None
+    try:
+        children = psutil.Process(container.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return None
+    # Chroot isolation runs the command under buildah-chroot-runtime and buildah-chroot-exec.
+    return next((p for p in children if not p.cmdline()[0].startswith("buildah")), None)
+
+
+def stop(state_file: Path) -> None:
+    container = load(state_file)
+    if container is None:
+        return
+    print(f"stopping container {container.name} ({container.backend})")
+    if container.backend == "docker":
+        subprocess.run(["docker", "stop", "--time", str(STOP_TIMEOUT_S), container.name], check=False)
+    else:
+        # SIGTERM to `buildah run` does not reach the command: signal the launcher,
+        # which stops its servers and their workers.
+        launcher = main_process(container)
+        if launcher is not None:
+            launcher.send_signal(signal.SIGTERM)
+            try:
+                launcher.wait(STOP_TIMEOUT_S)
+            except psutil.TimeoutExpired:
+                launcher.kill()
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired):
+            psutil.Process(container.pid).wait(30)
+        subprocess.run(["buildah", "rm", container.name], env=backend_env("buildah"), check=False)
+    state_file.unlink()
+
+
+def remove(tags: list[str], backend: str) -> None:
+    command = ["rmi"] if backend == "docker" else ["rmi", "--force"]
+    subprocess.run([backend, *command, *tags], env=backend_env(backend), check=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--state-file", type=Path, default=DEFAULT_STATE_FILE, help="where run records the container")
+    commands = parser.add_subparsers(dest="command", required=True)
+    build_parser = commands.add_parser("build", help="bentoml containerize, with a local base for buildah")
+    build_parser.add_argument("--bento", default="inception_v3:latest")
+    build_parser.add_argument("--tag", action="append", help=f"image tag, repeatable (default {DEFAULT_TAG})")
+    run_parser = commands.add_parser("run", help="start the image's default command in the background")
+    run_parser.add_argument("--tag", default=DEFAULT_TAG)
+    run_parser.add_argument("--name", default="inception-v3")
+    run_parser.add_argument("--config", type=Path, help="a configuration file to serve with instead of the image's")
+    commands.add_parser("stop", help="stop the container that run started")
+    remove_parser = commands.add_parser("remove", help="remove images")
+    remove_parser.add_argument("--tag", action="append")
+    args = parser.parse_args(argv)
+
+    if args.command == "build":
+        build(args.bento, args.tag or [DEFAULT_TAG], detect_backend())
+    elif args.command == "run":
+        container = run(args.tag, args.name, args.config, args.state_file)
+        print(f"started {container.name} ({container.backend}); log: {container.log}")
+    elif args.command == "stop":
+        stop(args.state_file)
+    else:
+        remove(args.tag or [DEFAULT_TAG], detect_backend())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
