@@ -187,7 +187,7 @@ def rest_app(model: ServedModel) -> Starlette:
         try:
             tail, version, verb = parse_path(request)
             if request.method == "GET" and not verb and tail == "":
-                return JSONResponse(json_format.MessageToDict(model.status(), preserving_proto_field_name=True))
+                return JSONResponse(proto_to_json(model.status()))
             if request.method == "GET" and not verb and tail == "metadata":
                 return JSONResponse(metadata_json(model, version))
             if request.method == "POST" and verb == "predict" and tail == "":
@@ -208,8 +208,15 @@ def rest_app(model: ServedModel) -> Starlette:
     return Starlette(routes=[Route("/models/{rest:path}", models, methods=["GET", "POST"])])
 
 
+def proto_to_json(message: t.Any) -> dict[str, t.Any]:
+    """TF Serving's REST JSON: field names as in the proto, defaults such as "OK" included."""
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
 def metadata_json(model: ServedModel, version: int | None) -> dict[str, t.Any]:
-    signature_defs = json_format.MessageToDict(model.signature_def_map(), preserving_proto_field_name=True)
+    signature_defs = proto_to_json(model.signature_def_map())
     return {
         "model_spec": {
             "name": model.name,
