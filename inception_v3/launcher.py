@@ -82,6 +82,18 @@ def stop(processes: dict[str, subprocess.Popen[bytes]]) -> None:
                 leftover.kill()
 
 
+def wait_for_workers(process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    """Return once the server has started its workers (or died).
+
+    Each BentoML server empties the shared Prometheus multiprocess folder when it
+    starts, before it spawns workers; starting the next one only then keeps every
+    worker's metric files.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None and not descendants(process.pid):
+        time.sleep(0.1)
+
+
 def descendants(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)
@@ -103,6 +115,7 @@ def serve(bento: str, working_dir: Path) -> int:
     signal.signal(signal.SIGINT, request_stop)
     for name, command in server_commands(bento, working_dir, settings).items():
         processes[name] = subprocess.Popen(command, env=env, cwd=working_dir)
+        wait_for_workers(processes[name])
     print(
         f"serving {bento}: HTTP on :{settings.http_port}, gRPC on :{settings.grpc_port}, "
         f"shared runner on 127.0.0.1:{settings.runner_port} (launcher pid {os.getpid()})",
