@@ -54,6 +54,7 @@ stop:
 		fi; \
 		rm -f $(RUN_DIR)/serve.pid; \
 	fi
+	@if [ -f $(RUN_DIR)/container.json ]; then $(PY) -m container.image stop; fi
 
 test: setup
 	$(PY) -m pytest
@@ -66,6 +67,26 @@ clean: stop
 	rm -rf $(RUN_DIR) build .pytest_cache
 
 # --- deployable image (bentoml build / containerize) -------------------------
+# build_all: model (if the store has none) -> Bento -> OCI image inception_v3:latest.
+# run: the image's default command, HTTP :8501 and gRPC :8500 from one runner; `make stop` stops it.
+# The engine is docker, or buildah where no Docker engine answers (CONTAINER_BACKEND=docker|buildah);
+# buildah starts from a Debian base built offline once (container/build-base.sh). docs/deployment.md
+.PHONY: bento build_all run image-test
+
+bento: model
+	$(VENV)/bin/bentoml build
+
+build_all: bento
+	$(PY) -m container.image build
+
+run: stop
+	$(PY) -m container.image run
+	@$(PY) -m inception_v3.launcher --wait-ready --timeout 300 || { $(MAKE) --no-print-directory stop; exit 1; }
+	@echo "HTTP  http://localhost:8501   gRPC  localhost:8500   (container; stop with: make stop)"
+
+# Builds the image from scratch in a temporary store, serves from it, asks over both protocols (slow, opt-in).
+image-test: setup
+	RUN_IMAGE_TESTS=1 $(PY) -m pytest -m image tests/test_image.py -v -s
 
 # --- hardening: browser, audit ---------------------------------------------
 

@@ -33,6 +33,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import yaml
@@ -52,6 +53,7 @@ class Container:
     image: str
     pid: int  # buildah: the `buildah run` process on this host; docker: 0
     log: str  # buildah: its output; docker: `docker logs NAME`
+    options: list[str]  # buildah: the mounts and environment every `buildah run` repeats
 
 
 def backend_env(backend: str) -> dict[str, str]:
@@ -81,10 +83,12 @@ def engine(backend: str, *args: str, capture: bool = False) -> str:
     return completed.stdout.strip() if capture else ""
 
 
-def build(bento: str, tags: list[str], backend: str) -> None:
+def build(bento: str, tags: list[str], backend: str, no_cache: bool = False) -> None:
     command = [str(Path(sys.executable).with_name("bentoml")), "containerize", bento, "--backend", backend]
     for tag in tags:
         command += ["--image-tag", tag]
+    if no_cache:
+        command += ["--opt", "no-cache"]
     if backend == "buildah":
         subprocess.run(
             [ROOT / "container" / "build-base.sh", BASE_IMAGE],
@@ -107,10 +111,17 @@ def port_in_use(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def image_command(tag: str) -> list[str]:
-    """The image's entrypoint and command, as Docker would run them."""
-    config = json.loads(engine("buildah", "inspect", "--type", "image", tag, capture=True))["OCIv1"]["config"]
-    return [*config.get("Entrypoint", []), *config.get("Cmd", [])]
+def image_config(tag: str, backend: str) -> dict[str, Any]:
+    """The image's Docker configuration: User, Entrypoint, Cmd, Healthcheck, ExposedPorts..."""
+    if backend == "docker":
+        return json.loads(engine("docker", "image", "inspect", tag, capture=True))[0]["Config"]
+    return json.loads(engine("buildah", "inspect", "--type", "image", tag, capture=True))["Docker"]["config"]
+
+
+def image_size(tag: str, backend: str) -> str:
+    if backend == "docker":
+        return f"{int(engine('docker', 'image', 'inspect', '--format', '{{.Size}}', tag, capture=True)) / 1e9:.2f} GB"
+    return engine("buildah", "images", "--format", "{{.Size}}", tag, capture=True)
 
 
 def run(tag: str, name: str, config: Path | None, state_file: Path) -> Container:
@@ -120,27 +131,40 @@ def run(tag: str, name: str, config: Path | None, state_file: Path) -> Container
     ports = configured_ports(config or ROOT / "configuration.yaml")
     if busy := [port for port in ports if port_in_use(port)]:
         raise SystemExit(f"error: ports {busy} are in use (a `make serve` or another container?)")
-    mount = [] if config is None else ["-v", f"{config.resolve()}:{CONTAINER_CONFIG}:ro"]
-    env = [] if config is None else ["-e", f"BENTOML_CONFIG={CONTAINER_CONFIG}"]
+    options = (
+        []
+        if config is None
+        else ["-v", f"{config.resolve()}:{CONTAINER_CONFIG}:ro", "-e", f"BENTOML_CONFIG={CONTAINER_CONFIG}"]
+    )
     state_file.parent.mkdir(parents=True, exist_ok=True)
     if backend == "docker":
         published = [arg for port in ports for arg in ("-p", f"{port}:{port}")]
-        engine("docker", "run", "--detach", "--rm", "--name", name, *published, *mount, *env, tag)
-        container = Container(backend, name, tag, pid=0, log=f"docker logs {name}")
+        engine("docker", "run", "--detach", "--rm", "--name", name, *published, *options, tag)
+        container = Container(backend, name, tag, pid=0, log=f"docker logs {name}", options=[])
     else:
         engine("buildah", "from", "--name", name, tag, capture=True)
+        config_of_image = image_config(tag, backend)
         log = state_file.with_suffix(".log")
         with log.open("wb") as output:
             process = subprocess.Popen(
-                ["buildah", "run", *mount, *env, name, "--", *image_command(tag)],
+                ["buildah", "run", *options, name, "--", *config_of_image["Entrypoint"], *config_of_image["Cmd"]],
                 env=backend_env(backend),
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        container = Container(backend, name, tag, pid=process.pid, log=str(log))
+        container = Container(backend, name, tag, pid=process.pid, log=str(log), options=options)
     state_file.write_text(json.dumps(asdict(container)))
     return container
+
+
+def execute(container: Container, command: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run a command in the running container, as `docker exec` does."""
+    if container.backend == "docker":
+        prefix = ["docker", "exec", container.name]
+    else:
+        prefix = ["buildah", "run", *container.options, container.name, "--"]
+    return subprocess.run([*prefix, *command], env=backend_env(container.backend), capture_output=True, text=True)
 
 
 def load(state_file: Path) -> Container | None:
@@ -195,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     build_parser = commands.add_parser("build", help="bentoml containerize, with a local base for buildah")
     build_parser.add_argument("--bento", default="inception_v3:latest")
     build_parser.add_argument("--tag", action="append", help=f"image tag, repeatable (default {DEFAULT_TAG})")
+    build_parser.add_argument("--no-cache", action="store_true", help="rebuild every step (the base stays cached)")
     run_parser = commands.add_parser("run", help="start the image's default command in the background")
     run_parser.add_argument("--tag", default=DEFAULT_TAG)
     run_parser.add_argument("--name", default="inception-v3")
@@ -205,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "build":
-        build(args.bento, args.tag or [DEFAULT_TAG], detect_backend())
+        build(args.bento, args.tag or [DEFAULT_TAG], detect_backend(), no_cache=args.no_cache)
     elif args.command == "run":
         container = run(args.tag, args.name, args.config, args.state_file)
         print(f"started {container.name} ({container.backend}); log: {container.log}")
