@@ -99,6 +99,7 @@ def build(bento: str, tags: list[str], backend: str, no_cache: bool = False) -> 
     # BentoML issue 5566: containerize refuses a dockerfile_template whose copy (in a
     # temporary directory) is outside the working directory; run it from there.
     subprocess.run(command, env=backend_env(backend), check=True, cwd=tempfile.gettempdir())
+    print(f"built {', '.join(tags)} with {backend}: start it with `make run` or `python -m container.image run`")
 
 
 def configured_ports(config: Path) -> list[int]:
