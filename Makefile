@@ -91,3 +91,13 @@ image-test: setup
 # --- hardening: browser, audit ---------------------------------------------
 
 # --- benchmark ----------------------------------------------------------------
+.PHONY: bench bench-quick
+
+# Served HTTP and gRPC vs in-process TensorFlow on this machine (about 6 minutes):
+# a table, JSON and a PNG plot in benchmarks/results/. BENCH_ARGS="--publish"
+# also copies them to docs/ for docs/performance.md.
+bench: setup
+	$(PY) -m benchmarks.bench $(BENCH_ARGS)
+
+bench-quick: setup
+	$(PY) -m benchmarks.bench --quick $(BENCH_ARGS)

@@ -3,8 +3,10 @@
     bentoml serve service:svc        # HTTP (BentoML APIs, Swagger UI, TF Serving REST)
     bentoml serve-grpc service:svc   # gRPC (BentoML APIs, TF Serving PredictionService)
 
-The API workers decode and resize; the runner batches concurrent requests for
-the model (BentoML adaptive batching). gRPC serving exists only for BentoML's
+The API workers read each image's header: plain JPEG files go to the runner as
+they are and are decoded inside its TensorFlow graph; other images are decoded
+and resized by the API workers. The runner batches concurrent requests for the
+model (BentoML adaptive batching). gRPC serving exists only for BentoML's
 legacy Service API, hence ``bentoml.legacy``.
 """
 
@@ -13,7 +15,6 @@ from __future__ import annotations
 import asyncio
 
 import bentoml
-import numpy as np
 from bentoml.io import JSON
 
 from inception_v3 import guards, tfserving
@@ -27,8 +28,8 @@ from inception_v3.api import (
     to_prediction,
 )
 from inception_v3.errors import InvalidImage
-from inception_v3.preprocessing import prepare_image
-from inception_v3.runner import InceptionV3Runnable
+from inception_v3.preprocessing import ModelInput, prepare_image
+from inception_v3.runner import InceptionV3Runnable, as_batch, failed
 from inception_v3.settings import SERVICE_NAME, load_settings
 
 settings = load_settings()
@@ -39,16 +40,16 @@ runner = bentoml.legacy.Runner(
     InceptionV3Runnable,
     name=SERVICE_NAME,
     models=[bento_model],
-    runnable_init_params={
-        "bento_model": bento_model,
-        "warmup_batch_sizes": (1, 2, 4, 8, settings.max_images_per_request),
-    },
+    runnable_init_params={"bento_model": bento_model},
 )
 svc = bentoml.legacy.Service(SERVICE_NAME, runners=[runner])
 
 
-async def classify(pixels: np.ndarray, k: int | None) -> list[Prediction]:
-    probabilities = await runner.classify.async_run(pixels)
+async def classify(items: list[ModelInput], k: int | None) -> list[Prediction]:
+    method, batch = as_batch(items)
+    probabilities = await getattr(runner, method).async_run(batch)
+    if failed(probabilities).any():
+        raise InvalidImage("corrupt or truncated JPEG image: it could not be decoded")
     k = k or requested_top_k.get() or settings.default_top_k
     return [to_prediction(row, class_names, k) for row in probabilities]
 
@@ -58,9 +59,9 @@ async def classify(pixels: np.ndarray, k: int | None) -> list[Prediction]:
     output=JSON(pydantic_model=Prediction),
     route="predict",
 )
-async def predict(pixels: np.ndarray) -> Prediction:
+async def predict(image: ModelInput) -> Prediction:
     """Classify one image (JPEG, PNG, WebP, BMP or GIF). `?top_k=N` sets how many classes come back."""
-    (prediction,) = await classify(pixels[np.newaxis], None)
+    (prediction,) = await classify([image], None)
     return prediction
 
 
@@ -81,7 +82,7 @@ async def predict_batch(request: BatchRequest) -> BatchPrediction:
             for text in request.images
         )
     )
-    return BatchPrediction(predictions=await classify(np.stack(pixels), request.top_k))
+    return BatchPrediction(predictions=await classify(list(pixels), request.top_k))
 
 
 guards.install(svc, settings)

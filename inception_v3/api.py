@@ -15,7 +15,7 @@ from starlette.requests import Request
 
 from .errors import InvalidImage, UnsupportedMediaType
 from .labels import top_k
-from .preprocessing import SUPPORTED_MEDIA_TYPES, prepare_image
+from .preprocessing import SUPPORTED_MEDIA_TYPES, ModelInput, model_input
 
 if t.TYPE_CHECKING:
     from bentoml.grpc.v1 import service_pb2 as pb
@@ -52,7 +52,8 @@ class BatchPrediction(BaseModel):
 class ImageUpload(Image, proto_fields=Image.proto_fields):
     """``bentoml.io.Image`` that validates and preprocesses in the API worker.
 
-    It returns the model's uint8 input instead of a PIL image, answers bad input
+    It returns the model's input (``preprocessing.model_input``: a plain JPEG file
+    or uint8 pixels) instead of a PIL image, answers bad input
     with 4xx instead of 500, and keeps ``Image``'s OpenAPI schema and client spec.
     """
 
@@ -61,7 +62,7 @@ class ImageUpload(Image, proto_fields=Image.proto_fields):
         super().__init__(mime_type="image/png", allowed_mime_types=SUPPORTED_MEDIA_TYPES)
         self.max_pixels = max_pixels
 
-    async def from_http_request(self, request: Request) -> np.ndarray:  # type: ignore[override]
+    async def from_http_request(self, request: Request) -> ModelInput:  # type: ignore[override]
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type == "multipart/form-data":
             form = await request.form()
@@ -76,11 +77,11 @@ class ImageUpload(Image, proto_fields=Image.proto_fields):
                 f"Content-Type {media_type or '(none)'} is not an image: "
                 f"send one of {', '.join(SUPPORTED_MEDIA_TYPES)} or multipart/form-data"
             )
-        return await asyncio.to_thread(prepare_image, data, self.max_pixels)
+        return await asyncio.to_thread(model_input, data, self.max_pixels)
 
-    async def from_proto(self, field: pb.File | bytes) -> np.ndarray:  # type: ignore[override]
+    async def from_proto(self, field: pb.File | bytes) -> ModelInput:  # type: ignore[override]
         data = field if isinstance(field, bytes) else field.content
-        return await asyncio.to_thread(prepare_image, data, self.max_pixels)
+        return await asyncio.to_thread(model_input, data, self.max_pixels)
 
 
 # Not registered under its own id: clients rebuild a plain ``bentoml.io.Image`` from its spec.

@@ -1,9 +1,14 @@
-"""The TensorFlow side: Keras InceptionV3 wrapped for serving.
+"""The TensorFlow side: Keras InceptionV3 wrapped for serving, and in-graph JPEG decoding.
 
 ``bentoml.tensorflow`` cannot serve a plain Keras 3 model (its restored object has
 no ``__call__``), so the model is wrapped in a ``tf.Module`` whose ``__call__`` is
 a ``tf.function`` with a fixed signature. The graph takes uint8 pixels and does
 Keras' InceptionV3 scaling itself (x / 127.5 - 1), so callers never build floats.
+
+``decode_jpegs`` turns a batch of JPEG files into those pixels inside TensorFlow,
+with libjpeg's DCT downscaling, as ``preprocessing.prepare_image`` does with PIL's
+``draft()``; the runner uses it for plain JPEGs, so only the file crosses the
+process boundary.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import tensorflow as tf
 from .preprocessing import INPUT_SIZE
 
 PIXELS_SPEC = tf.TensorSpec([None, INPUT_SIZE, INPUT_SIZE, 3], tf.uint8, name="pixels")
+JPEGS_SPEC = tf.TensorSpec([None], tf.string, name="jpegs")
+DCT_SCALES = (1, 2, 4, 8)  # what libjpeg can scale by while decoding
 
 
 def build_keras_model(weights: str | None) -> tf.keras.Model:
@@ -29,3 +36,26 @@ class InceptionV3Serving(tf.Module):
     def __call__(self, pixels: tf.Tensor) -> tf.Tensor:
         scaled = tf.cast(pixels, tf.float32) / 127.5 - 1.0
         return self.keras_model(scaled, training=False)
+
+
+def decode_jpeg(jpeg: tf.Tensor) -> tf.Tensor:
+    """One JPEG file to (299, 299, 3) uint8 RGB.
+
+    libjpeg decodes at the largest scale (1, 1/2, 1/4, 1/8) that keeps both sides
+    at least 299 pixels, the rule of PIL's ``draft()``; an antialiased bilinear
+    resize (PIL's ``BILINEAR``) does the rest.
+    """
+    height, width = tf.unstack(tf.io.extract_jpeg_shape(jpeg)[:2])
+    fits = tf.minimum(height, width) // INPUT_SIZE
+    branch = tf.add_n([tf.cast(fits >= scale, tf.int32) for scale in DCT_SCALES[1:]])
+    image = tf.switch_case(
+        branch,
+        [lambda scale=scale: tf.io.decode_jpeg(jpeg, channels=3, ratio=scale) for scale in DCT_SCALES],
+    )
+    resized = tf.image.resize(image, (INPUT_SIZE, INPUT_SIZE), method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+
+@tf.function(input_signature=[JPEGS_SPEC])
+def decode_jpegs(jpegs: tf.Tensor) -> tf.Tensor:
+    return tf.map_fn(decode_jpeg, jpegs, fn_output_signature=PIXELS_SPEC.dtype)

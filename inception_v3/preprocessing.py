@@ -20,6 +20,11 @@ INPUT_SIZE = 299
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF"})
 SUPPORTED_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif")
 DEFAULT_MAX_PIXELS = 40_000_000
+EXIF_ORIENTATION = 0x0112
+
+# What the runner takes for one image: a plain JPEG file, decoded inside the
+# TensorFlow graph, or uint8 (299, 299, 3) pixels prepared here.
+ModelInput = bytes | np.ndarray
 
 # Our own pixel limit is checked before decoding; PIL's bomb check stays on as a
 # second line, but its warning for images under its own limit is noise here.
@@ -39,6 +44,26 @@ def prepare_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise InvalidImage(f"corrupt or truncated {image.format} image: {error}") from None
     return np.asarray(image, dtype=np.uint8)
+
+
+def model_input(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ModelInput:
+    """``data`` itself for a plain JPEG (RGB or grayscale, upright), else ``prepare_image`` pixels.
+
+    Only the header is read here; the runner decodes plain JPEGs with libjpeg's DCT
+    scaling in its graph (``model.decode_jpegs``), the rule ``prepare_image`` follows
+    with ``draft()``. Everything else (other formats, CMYK, EXIF rotation) is decoded here.
+    """
+    if is_plain_jpeg(open_image(data, max_pixels)):
+        return data
+    return prepare_image(data, max_pixels)
+
+
+def is_plain_jpeg(image: Image.Image) -> bool:
+    try:
+        upright = image.getexif().get(EXIF_ORIENTATION, 1) == 1
+    except (OSError, ValueError, SyntaxError):  # a corrupt EXIF block: prepare_image judges the file
+        return False
+    return image.format == "JPEG" and image.mode in ("RGB", "L") and upright
 
 
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -1,38 +1,80 @@
 """The model worker behind BentoML's adaptive batching.
 
-It loads the saved TensorFlow module, warms it up for every batch size the
-dispatcher may send (so ``/readyz`` turns ready only once the first request will
-be fast), and classifies uint8 pixel batches. TensorFlow is imported here only,
-so API server processes stay small.
+It loads the saved TensorFlow module, warms it up (so ``/readyz`` turns ready
+only once the first request will be fast), and classifies batches of either kind of model input
+(``preprocessing.model_input``): plain JPEG files, decoded inside the TensorFlow
+graph (``classify_jpeg``), or uint8 pixels the API worker prepared with PIL
+(``classify``). TensorFlow is imported here only, so API server processes stay small.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import bentoml
 import numpy as np
 
-from .preprocessing import INPUT_SIZE
+from .preprocessing import INPUT_SIZE, ModelInput
 
 logger = logging.getLogger(__name__)
+
+
+def as_batch(items: list[ModelInput]) -> tuple[str, np.ndarray]:
+    """The runnable method for items of one kind, and their batch: JPEG files or pixels."""
+    if all(isinstance(item, bytes) for item in items):
+        return "classify_jpeg", np.array(items, dtype=object)
+    return "classify", np.stack(items)
+
+
+def failed(probabilities: np.ndarray) -> np.ndarray:
+    """Which rows of a ``classify_jpeg`` answer are images TensorFlow could not decode."""
+    return np.isnan(probabilities).any(axis=1)
 
 
 class InceptionV3Runnable(bentoml.legacy.Runnable):
     SUPPORTED_RESOURCES = ("nvidia.com/gpu", "cpu")
     SUPPORTS_CPU_MULTI_THREADING = True
 
-    def __init__(self, bento_model: bentoml.Model, warmup_batch_sizes: tuple[int, ...]) -> None:
+    def __init__(self, bento_model: bentoml.Model) -> None:
         import tensorflow as tf
 
+        from .model import JPEGS_SPEC, decode_jpegs
+
+        started = time.perf_counter()
         for gpu in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(gpu, True)
         self.model = bentoml.tensorflow.load_model(bento_model)
-        for batch_size in warmup_batch_sizes:
-            self.model(np.zeros((batch_size, INPUT_SIZE, INPUT_SIZE, 3), np.uint8))
-        logger.info("%s warmed up for batch sizes %s", bento_model.tag, warmup_batch_sizes)
+        self.classify_jpegs = tf.function(lambda jpegs: self.model(decode_jpegs(jpegs)), input_signature=[JPEGS_SPEC])
+        self.decode_error = tf.errors.InvalidArgumentError
+        loaded = time.perf_counter()
+        # One image through each path traces and compiles it; other batch sizes
+        # measured no slower on first use, so warming them only delays readiness.
+        blank = tf.io.encode_jpeg(tf.zeros((INPUT_SIZE, INPUT_SIZE, 3), tf.uint8)).numpy()
+        self.classify_jpegs(np.array([blank], dtype=object))
+        self.model(np.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), np.uint8))
+        logger.info(
+            "%s loaded in %.1f s, warmed up in %.1f s",
+            bento_model.tag,
+            loaded - started,
+            time.perf_counter() - loaded,
+        )
 
     @bentoml.legacy.Runnable.method(batchable=True, batch_dim=0)
     def classify(self, pixels: np.ndarray) -> np.ndarray:
         """(n, 299, 299, 3) uint8 to (n, 1000) float32 softmax probabilities."""
         return self.model(pixels).numpy()
+
+    @bentoml.legacy.Runnable.method(batchable=True, batch_dim=0)
+    def classify_jpeg(self, jpegs: np.ndarray) -> np.ndarray:
+        """(n,) JPEG files (bytes objects) to (n, 1000) probabilities.
+
+        A file TensorFlow cannot decode must not fail the requests batched with it:
+        the batch is retried one image at a time and that image's row is NaN.
+        """
+        try:
+            return self.classify_jpegs(jpegs).numpy()
+        except self.decode_error:
+            if len(jpegs) == 1:
+                return np.full((1, 1000), np.nan, np.float32)
+            return np.concatenate([self.classify_jpeg(jpegs[i : i + 1]) for i in range(len(jpegs))])

@@ -16,7 +16,6 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
@@ -69,18 +68,20 @@ def saved_model() -> str:
 
 @pytest.fixture(scope="session")
 def reference_classify(saved_model: str) -> Classify:
-    """The in-process answer: the same preprocessing and the same saved model, no server."""
+    """The in-process answer: the service's own preprocessing and runnable, no server."""
     import bentoml
 
     from inception_v3.api import to_prediction
-    from inception_v3.preprocessing import prepare_image
+    from inception_v3.preprocessing import model_input
+    from inception_v3.runner import InceptionV3Runnable, as_batch
 
     bento_model = bentoml.models.get(saved_model)
-    module = bentoml.tensorflow.load_model(bento_model)
+    runnable = InceptionV3Runnable(bento_model)
     class_names = bento_model.custom_objects["class_names"]
 
     def classify(image: bytes, k: int = 5) -> dict:
-        probabilities = module(prepare_image(image)[np.newaxis]).numpy()[0]
+        method, batch = as_batch([model_input(image)])
+        probabilities = getattr(runnable, method)(batch)[0]
         return to_prediction(probabilities, class_names, k).model_dump()
 
     return classify

@@ -1,0 +1,570 @@
+"""Benchmark the served Inception v3 against in-process TensorFlow, in one run.
+
+    python -m benchmarks.bench            # about 6 minutes on 2 cores
+    python -m benchmarks.bench --quick    # about 2 minutes, for checking the script
+    python -m benchmarks.bench --publish  # also copy the JSON and PNG to docs/
+
+One run measures, on this machine: the CPU's float32 matmul peak; plain Keras
+Inception v3 inside a ``tf.function`` at batch sizes 1-16; the in-process
+pipeline (the service's own decode and preprocessing plus the served graph, no
+server); then the real serving stack (``python -m inception_v3.launcher``: one
+runner, an HTTP and a gRPC API server) on free ports with a random-weights model
+in a temporary model store: cold start to ready, each protocol in closed loops at
+concurrency 1, 4, 8 and 16 (warm-up first, then a timed window), and the
+proportional memory (PSS) of the whole process tree. It prints a table, writes
+JSON and a PNG under ``benchmarks/results/`` and checks the targets as ratios.
+
+Every phase runs in a process of its own, so the benchmark's TensorFlow never
+shares pages with (and never lowers the PSS of) the servers it measures, and no
+model is in memory while the servers run. The load generator shares the CPU with
+the servers, as any client on the same machine would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+from inception_v3.settings import PROJECT_ROOT, SERVICE_NAME
+
+RESULTS_DIR = PROJECT_ROOT / "benchmarks" / "results"
+DOCS_DIR = PROJECT_ROOT / "docs"
+IMAGE_FILE = PROJECT_ROOT / "cat.jpg"
+GFLOP_PER_IMAGE = 11.5  # Inception v3 at 299x299, forward pass (about 5.7 G multiply-adds)
+BATCH_SIZES = (1, 2, 4, 8, 16)
+CONCURRENCY = (1, 4, 8, 16)
+PROTOCOLS = ("http", "grpc")
+WARMUP_REQUESTS = 15
+TARGETS = {"throughput_ratio_c8": 0.90, "sequential_p50_extra_ms": 8.0, "pss_gib": 1.5, "cold_start_s": 20.0}
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def latency_summary(latencies_s: list[float]) -> dict[str, float]:
+    ms = [1000 * v for v in latencies_s]
+    return {"p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "mean_ms": statistics.fmean(ms)}
+
+
+def timed_calls(call: Callable[[], object], duration_s: float, warmup_calls: int = 3) -> list[float]:
+    """Warm up, then call back to back for ``duration_s`` (at least 3 calls); each call's seconds."""
+    for _ in range(warmup_calls):
+        call()
+    latencies: list[float] = []
+    deadline = time.perf_counter() + duration_s
+    while time.perf_counter() < deadline or len(latencies) < 3:
+        start = time.perf_counter()
+        call()
+        latencies.append(time.perf_counter() - start)
+    return latencies
+
+
+# --- phase 1: in-process (its own process) --------------------------------------------
+
+
+def run_in_process(duration_s: float) -> dict[str, Any]:
+    import bentoml
+    import numpy as np
+    import tensorflow as tf
+
+    import save_model
+    from inception_v3.model import build_keras_model
+    from inception_v3.preprocessing import model_input
+    from inception_v3.runner import InceptionV3Runnable, as_batch
+
+    log("saving a random-weights model into the benchmark's own model store")
+    assert save_model.main(["--random-weights", "--seed", "7"]) == 0
+
+    n = 2048
+    a = tf.random.uniform((n, n))
+    matmul = tf.function(lambda x: tf.linalg.matmul(x, x))
+    seconds = min(timed_calls(lambda: matmul(a).numpy(), min(duration_s, 4.0)))
+    peak = 2 * n**3 / seconds / 1e9
+    log(f"matmul peak: {peak:.1f} GFLOP/s (float32, {n}x{n})")
+
+    tf.keras.utils.set_random_seed(7)
+    keras_model = build_keras_model(None)
+    forward = tf.function(lambda x: keras_model(x, training=False))
+    keras: dict[str, Any] = {}
+    for batch_size in BATCH_SIZES:
+        x = tf.random.uniform((batch_size, 299, 299, 3), -1.0, 1.0)
+        latencies = timed_calls(lambda x=x: forward(x).numpy(), duration_s)
+        keras[str(batch_size)] = {
+            "images_per_s": batch_size * len(latencies) / sum(latencies),
+            **latency_summary(latencies),
+        }
+        log(f"in-process Keras, batch {batch_size:2d}: {keras[str(batch_size)]['images_per_s']:.1f} img/s")
+    best = max(keras, key=lambda b: keras[b]["images_per_s"])
+
+    # The service's own path in one process: API-side preprocessing, then the runnable.
+    image = IMAGE_FILE.read_bytes()
+    runnable = InceptionV3Runnable(bentoml.models.get(f"{SERVICE_NAME}:latest"))
+
+    def pipeline(batch_size: int) -> np.ndarray:
+        method, batch = as_batch([model_input(image) for _ in range(batch_size)])
+        return getattr(runnable, method)(batch)
+
+    pipeline_results: dict[str, Any] = {}
+    for batch_size in (1, 8):
+        latencies = timed_calls(lambda b=batch_size: pipeline(b), duration_s)
+        pipeline_results[str(batch_size)] = {
+            "images_per_s": batch_size * len(latencies) / sum(latencies),
+            **latency_summary(latencies),
+        }
+        log(f"in-process pipeline, batch {batch_size}: {pipeline_results[str(batch_size)]['images_per_s']:.1f} img/s")
+    return {
+        "matmul_peak_gflops": peak,
+        "keras": keras,
+        "best_batch_size": int(best),
+        "model_gflops_at_best": GFLOP_PER_IMAGE * keras[best]["images_per_s"],
+        "pipeline": pipeline_results,
+        "tensorflow": tf.__version__,
+    }
+
+
+# --- phase 2: load generator (its own process, while the servers run) ----------------
+
+
+@dataclass
+class LoadPoint:
+    protocol: str
+    concurrency: int
+    duration_s: float
+
+
+def http_caller(port: int, image: bytes) -> Callable[[], Callable[[], None]]:
+    import http.client
+
+    def make() -> Callable[[], None]:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+        def call() -> None:
+            connection.request("POST", "/predict", body=image, headers={"Content-Type": "image/jpeg"})
+            response = connection.getresponse()
+            body = response.read()
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}: {body[:200]!r}")
+
+        return call
+
+    return make
+
+
+def grpc_caller(port: int, image: bytes) -> Callable[[], Callable[[], None]]:
+    import grpc
+    from bentoml.grpc.v1 import service_pb2, service_pb2_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = service_pb2_grpc.BentoServiceStub(channel)
+    request = service_pb2.Request(api_name="predict", file=service_pb2.File(kind="image/jpeg", content=image))
+
+    def make() -> Callable[[], None]:
+        return lambda: stub.Call(request, timeout=60)
+
+    return make
+
+
+def closed_loop(make_call: Callable[[], Callable[[], None]], point: LoadPoint) -> dict[str, Any]:
+    """``concurrency`` clients, each sending its next request when the last one is answered.
+
+    Warm-up: at least ``WARMUP_REQUESTS`` answers and 2 s; then a timed window of
+    ``duration_s``. Throughput counts answers inside the window; latencies are of
+    requests sent inside it.
+    """
+    lock = threading.Lock()
+    answered = 0
+    window: dict[str, float] = {}
+    warmed = threading.Event()
+    done = threading.Event()
+    records: list[tuple[float, float]] = []
+    errors: list[str] = []
+    started = time.perf_counter()
+
+    def client() -> None:
+        nonlocal answered
+        call = make_call()
+        while not done.is_set():
+            start = time.perf_counter()
+            try:
+                call()
+            except Exception as error:  # counted and reported, never hidden
+                with lock:
+                    errors.append(str(error)[:200])
+                continue
+            end = time.perf_counter()
+            with lock:
+                answered += 1
+                records.append((start, end))
+                if not warmed.is_set() and answered >= WARMUP_REQUESTS and end - started >= 2:
+                    window["start"] = end
+                    warmed.set()
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(point.concurrency)]
+    for thread in threads:
+        thread.start()
+    warmed.wait(timeout=300)
+    time.sleep(point.duration_s)
+    window["end"] = time.perf_counter()
+    done.set()
+    for thread in threads:
+        thread.join()
+    if "start" not in window:
+        raise RuntimeError(f"{point}: no warm-up within 300 s; {len(errors)} errors, e.g. {errors[:3]}")
+    length = window["end"] - window["start"]
+    finished = [end for _, end in records if window["start"] < end <= window["end"]]
+    latencies = [end - start for start, end in records if start >= window["start"] and end <= window["end"]]
+    return {
+        "protocol": point.protocol,
+        "concurrency": point.concurrency,
+        "window_s": length,
+        "requests": len(finished),
+        "images_per_s": len(finished) / length,
+        **latency_summary(latencies),
+        "errors": len(errors),
+        "error_examples": sorted(set(errors))[:3],
+    }
+
+
+def run_load(t0: float, points: list[LoadPoint], ready_timeout_s: float) -> dict[str, Any]:
+    from inception_v3.launcher import wait_ready
+    from inception_v3.settings import load_settings
+
+    settings = load_settings()
+    if not wait_ready(settings, ready_timeout_s):
+        raise RuntimeError(f"servers not ready after {ready_timeout_s:.0f} s")
+    cold_start = time.time() - t0
+    log(f"both servers ready {cold_start:.1f} s after the launcher started")
+    image = IMAGE_FILE.read_bytes()
+    callers = {"http": http_caller(settings.http_port, image), "grpc": grpc_caller(settings.grpc_port, image)}
+    first = {}
+    for protocol, make in callers.items():
+        start = time.perf_counter()
+        make()()
+        first[protocol] = 1000 * (time.perf_counter() - start)
+    results = []
+    for i, point in enumerate(points, 1):
+        log(f"[{i}/{len(points)}] {point.protocol} at concurrency {point.concurrency} ({point.duration_s:.0f} s) ...")
+        result = closed_loop(callers[point.protocol], point)
+        log(
+            f"      {result['images_per_s']:.1f} images/s, p50 {result['p50_ms']:.0f} ms, "
+            f"p99 {result['p99_ms']:.0f} ms ({result['requests']} requests, {result['errors']} errors)"
+        )
+        results.append(result)
+    return {"cold_start_s": cold_start, "first_request_ms": first, "points": results}
+
+
+# --- orchestration --------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_config(path: Path, overrides: list[str]) -> None:
+    """The project's configuration on free ports, with ``key.path=yaml-value`` overrides."""
+    config = yaml.safe_load((PROJECT_ROOT / "configuration.yaml").read_text())
+    config["api_server"]["http"]["port"] = free_port()
+    config["api_server"]["grpc"]["port"] = free_port()
+    config["api_server"]["grpc"]["metrics"]["port"] = free_port()
+    config["services"][SERVICE_NAME]["runner_port"] = free_port()
+    for override in overrides:
+        key, _, value = override.partition("=")
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = yaml.safe_load(value)
+    path.write_text(yaml.safe_dump(config))
+
+
+def pss_of_tree(pid: int) -> dict[str, int]:
+    """PSS in bytes of a process and all its descendants, keyed 'pid name'."""
+    root = psutil.Process(pid)
+    usage = {}
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            usage[f"{process.pid} {' '.join(process.cmdline()[2:4]) or process.name()}"] = (
+                process.memory_full_info().pss
+            )
+        except psutil.NoSuchProcess:
+            pass
+    return usage
+
+
+def child(args: list[str], env: dict[str, str], output: Path) -> dict[str, Any]:
+    command = [sys.executable, "-m", "benchmarks.bench", *args, "--output", str(output)]
+    subprocess.run(command, env=env, stdout=sys.stderr, check=True)
+    return json.loads(output.read_text())
+
+
+def machine() -> dict[str, Any]:
+    flags = set()
+    model = platform.processor()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return {
+        "cpu": model,
+        "cores": psutil.cpu_count(logical=True),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "cpu_flags": [f for f in wanted if f in flags],
+        "gpu": "none",
+        "python": platform.python_version(),
+    }
+
+
+def run_stack(env: dict[str, str], work: Path, points: list[LoadPoint]) -> dict[str, Any]:
+    t0 = time.time()
+    log_file = (work / "serve.log").open("wb")
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "inception_v3.launcher"], env=env, cwd=PROJECT_ROOT, stdout=log_file, stderr=log_file
+    )
+    try:
+        load_args = ["load", "--t0", str(t0), "--points", json.dumps([p.__dict__ for p in points])]
+        load = child(load_args, env, work / "load.json")
+        if launcher.poll() is not None:
+            raise RuntimeError(f"the launcher exited with {launcher.returncode}; see {work / 'serve.log'}")
+        processes = pss_of_tree(launcher.pid)
+        load["pss_processes_mib"] = {name: round(b / 2**20, 1) for name, b in processes.items()}
+        load["pss_gib"] = sum(processes.values()) / 2**30
+        log(f"serving stack PSS after the load: {load['pss_gib']:.2f} GiB in {len(processes)} processes")
+        return load
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        try:
+            launcher.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+        log_file.close()
+
+
+def ratios(inproc: dict[str, Any], stack: dict[str, Any]) -> dict[str, Any]:
+    by_point = {(p["protocol"], p["concurrency"]): p for p in stack["points"]}
+    batch8 = inproc["keras"]["8"]["images_per_s"]
+    batch1_p50 = inproc["keras"]["1"]["p50_ms"]
+    checks: dict[str, Any] = {}
+    for protocol in PROTOCOLS:
+        if (protocol, 8) in by_point:
+            point = by_point[(protocol, 8)]
+            ratio = point["images_per_s"] / batch8
+            checks[f"{protocol}_throughput_ratio_c8"] = {
+                "value": ratio,
+                "target": f">= {TARGETS['throughput_ratio_c8']:.2f}, no errors",
+                "pass": ratio >= TARGETS["throughput_ratio_c8"] and point["errors"] == 0,
+            }
+        if (protocol, 1) in by_point:
+            extra = by_point[(protocol, 1)]["p50_ms"] - batch1_p50
+            checks[f"{protocol}_sequential_p50_extra_ms"] = {
+                "value": extra,
+                "target": f"<= {TARGETS['sequential_p50_extra_ms']:.0f}",
+                "pass": extra <= TARGETS["sequential_p50_extra_ms"],
+            }
+    checks["pss_gib"] = {
+        "value": stack["pss_gib"],
+        "target": f"< {TARGETS['pss_gib']}",
+        "pass": stack["pss_gib"] < TARGETS["pss_gib"],
+    }
+    checks["cold_start_s"] = {
+        "value": stack["cold_start_s"],
+        "target": f"< {TARGETS['cold_start_s']:.0f}",
+        "pass": stack["cold_start_s"] < TARGETS["cold_start_s"],
+    }
+    pipeline8 = inproc["pipeline"]["8"]["images_per_s"]
+    checks["pipeline_ratio_batch8"] = {"value": pipeline8 / batch8, "target": "(ceiling, reported)", "pass": None}
+    checks["model_fraction_of_matmul_peak"] = {
+        "value": inproc["model_gflops_at_best"] / inproc["matmul_peak_gflops"],
+        "target": "(reported)",
+        "pass": None,
+    }
+    return checks
+
+
+def row_line(name: str, row: dict[str, float]) -> str:
+    return f"{name:<28}{row['images_per_s']:>10.1f}{row['p50_ms']:>9.1f}{row['p99_ms']:>9.1f}"
+
+
+def table(result: dict[str, Any]) -> str:
+    inproc, stack = result["in_process"], result["serving"]
+    lines = [
+        f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
+        f"flags {' '.join(result['machine']['cpu_flags'])}; load average {result['load_average']}",
+        f"matmul peak {inproc['matmul_peak_gflops']:.1f} GFLOP/s; model at batch {inproc['best_batch_size']}: "
+        f"{inproc['model_gflops_at_best']:.1f} GFLOP/s",
+        "",
+        f"{'in process':<28}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}",
+    ]
+    for batch, row in inproc["keras"].items():
+        lines.append(row_line(f"Keras tf.function, batch {batch}", row))
+    for batch, row in inproc["pipeline"].items():
+        lines.append(row_line(f"pipeline, batch {batch}", row))
+    lines += ["", f"{'served':<28}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"]
+    for p in stack["points"]:
+        lines.append(row_line(f"{p['protocol']}, concurrency {p['concurrency']}", p) + f"{p['errors']:>8}")
+    lines += [
+        "",
+        f"cold start to ready {stack['cold_start_s']:.1f} s; first request "
+        + ", ".join(f"{k} {v:.0f} ms" for k, v in stack["first_request_ms"].items())
+        + f"; serving stack PSS {stack['pss_gib']:.2f} GiB",
+        "",
+        f"{'check':<36}{'value':>9}  {'target':<22}result",
+    ]
+    for name, check in result["checks"].items():
+        verdict = {True: "PASS", False: "FAIL", None: ""}[check["pass"]]
+        lines.append(f"{name:<36}{check['value']:>9.2f}  {check['target']:<22}{verdict}")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    inproc, stack = result["in_process"], result["serving"]
+    batch8 = inproc["keras"]["8"]["images_per_s"]
+    batch1_p50 = inproc["keras"]["1"]["p50_ms"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for protocol, colour in zip(PROTOCOLS, ("tab:blue", "tab:orange"), strict=True):
+        points = [p for p in stack["points"] if p["protocol"] == protocol]
+        if not points:
+            continue
+        c = [p["concurrency"] for p in points]
+        left.plot(c, [p["images_per_s"] for p in points], "o-", color=colour, label=f"served {protocol}")
+        right.plot(c, [p["p50_ms"] for p in points], "o-", color=colour, label=f"{protocol} p50")
+        right.plot(c, [p["p99_ms"] for p in points], "s--", color=colour, alpha=0.6, label=f"{protocol} p99")
+    left.axhline(batch8, color="black", label="in-process Keras, batch 8")
+    left.axhline(0.9 * batch8, color="black", linestyle=":", label="target: 0.90x batch 8")
+    pipeline8 = inproc["pipeline"]["8"]["images_per_s"]
+    left.axhline(pipeline8, color="green", linestyle="--", label="in-process pipeline, batch 8")
+    left.set(xlabel="concurrent clients", ylabel="images/s", title="Throughput (closed loop)", ylim=(0, None))
+    left.set_xticks(CONCURRENCY)
+    left.legend(fontsize=8, loc="lower right")
+    right.axhline(batch1_p50, color="black", label="in-process batch 1 p50")
+    right.axhline(batch1_p50 + 8, color="black", linestyle=":", label="target: +8 ms (sequential)")
+    right.set(xlabel="concurrent clients", ylabel="ms", title="Latency", ylim=(0, None))
+    right.set_xticks(CONCURRENCY)
+    right.legend(fontsize=8, loc="upper left")
+    m = result["machine"]
+    figure.suptitle(
+        f"Inception v3, BentoML vs in-process TensorFlow {inproc['tensorflow']} - {m['cpu']}, {m['cores']} cores "
+        f"(PSS {stack['pss_gib']:.2f} GiB, cold start {stack['cold_start_s']:.1f} s)",
+        fontsize=10,
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main_run(args: argparse.Namespace) -> int:
+    duration = args.duration or (5.0 if args.quick else 25.0)
+    model_duration = 3.0 if args.quick else 8.0
+    points = [
+        LoadPoint(protocol, c, duration)
+        for protocol in args.protocols
+        for c in (args.concurrency or ((1, 8) if args.quick else CONCURRENCY))
+    ]
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="inception-v3-bench-"))
+    config = work / "configuration.yaml"
+    write_config(config, args.set)
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(work / "bentoml"),
+        "BENTOML_CONFIG": str(config),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "PYTHONPATH": str(PROJECT_ROOT),
+    }
+    load_before = os.getloadavg()
+    if load_before[0] > 0.5:
+        log(f"warning: load average {load_before[0]:.2f} before the run; other work will skew the numbers")
+    try:
+        log("phase 1/2: in-process TensorFlow (model save, matmul, Keras, pipeline)")
+        inproc = child(["in-process", "--duration", str(model_duration)], env, work / "in_process.json")
+        log(f"phase 2/2: serving stack, {len(points)} load points")
+        stack = run_stack(env, work, points)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "time": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "machine": machine(),
+        "load_average": [round(v, 2) for v in (*load_before, *os.getloadavg())],
+        "options": {"quick": args.quick, "duration_s": duration, "config_overrides": args.set},
+        "in_process": inproc,
+        "serving": stack,
+    }
+    result["checks"] = ratios(inproc, stack)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    json_path, png_path = RESULTS_DIR / f"bench-{stamp}.json", RESULTS_DIR / f"bench-{stamp}.png"
+    json_path.write_text(json.dumps(result, indent=2))
+    plot(result, png_path)
+    print(table(result))
+    log(f"wrote {json_path} and {png_path}")
+    if args.publish:
+        DOCS_DIR.mkdir(exist_ok=True)
+        shutil.copyfile(json_path, DOCS_DIR / "benchmark.json")
+        shutil.copyfile(png_path, DOCS_DIR / "benchmark.png")
+        log(f"copied to {DOCS_DIR / 'benchmark.json'} and {DOCS_DIR / 'benchmark.png'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="phase")
+    parser.add_argument("--quick", action="store_true", help="short windows, concurrency 1 and 8 only")
+    parser.add_argument("--duration", type=float, help="seconds per timed load point (default 25, quick 5)")
+    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
+    parser.add_argument("--concurrency", nargs="+", type=int, help=f"load points (default {CONCURRENCY})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="configuration override")
+    parser.add_argument("--publish", action="store_true", help="copy the JSON and PNG to docs/")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary model store and server log")
+    in_process = sub.add_parser("in-process", help=argparse.SUPPRESS)
+    in_process.add_argument("--duration", type=float, required=True)
+    in_process.add_argument("--output", type=Path, required=True)
+    load = sub.add_parser("load", help=argparse.SUPPRESS)
+    load.add_argument("--t0", type=float, required=True)
+    load.add_argument("--points", type=json.loads, required=True)
+    load.add_argument("--output", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if args.phase == "in-process":
+        args.output.write_text(json.dumps(run_in_process(args.duration)))
+        return 0
+    if args.phase == "load":
+        points = [LoadPoint(**p) for p in args.points]
+        args.output.write_text(json.dumps(run_load(args.t0, points, ready_timeout_s=240)))
+        return 0
+    return main_run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
