@@ -3,7 +3,8 @@
     python -m client.request_inception_v3 --image_file ./cat.jpg --format grpc   # or rest
     python -m client.request_inception_v3 --metadata
 
-REST goes through BentoML's Python HTTP client (``/predict``), gRPC through
+REST goes through BentoML's Python HTTP client (``/predict_batch``, the file as
+base64 JSON like the reference's REST request), gRPC through
 BentoML's gRPC protocol (``bentoml.grpc.v1.BentoService/Call``). It prints the
 label; ``--top_k N`` prints N labels with their scores. Errors are one line on
 stderr and a non-zero exit code.
@@ -12,6 +13,7 @@ stderr and a non-zero exit code.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import sys
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from inception_v3.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
-from inception_v3.preprocessing import prepare_image
+from inception_v3.preprocessing import open_image
 from inception_v3.settings import load_settings
 
 MODEL_NAME = "inception_v3"
@@ -29,20 +31,19 @@ MODEL_NAME = "inception_v3"
 def classify_rest(image: bytes, target: str, port: int, timeout_s: float, top_k: int | None) -> dict[str, Any]:
     from bentoml.client import SyncHTTPClient
     from bentoml.exceptions import BentoMLException
-    from PIL import Image
 
-    # Resized here with the service's own preprocessing and sent as PNG: BentoML's
-    # client re-encodes images, and PNG keeps that lossless; 299x299 is also less to send.
-    pixels = Image.fromarray(prepare_image(image))
+    # The file goes as base64 JSON to `predict_batch`, as the reference's REST client
+    # sends it: BentoML's client would re-encode an image given to `predict`, so the
+    # server would not see the bytes gRPC and TF Serving clients send.
+    request = {"images": [base64.b64encode(image).decode("ascii")], "top_k": top_k}
     with SyncHTTPClient.from_url(f"http://{target}:{port}") as http_client:
         http_client.client.timeout = timeout_s
-        if top_k:
-            http_client.client.params = {"top_k": top_k}
         try:
-            return http_client.call("predict", pixels)
+            (prediction,) = http_client.call("predict_batch", request)["predictions"]
         except BentoMLException as error:  # "Error making request: 400: b'{...}'"
             status, _, body = str(error).removeprefix("Error making request: ").partition(": ")
             raise ServiceError(f"HTTP {status}: {error_message(body.removeprefix('b').strip(chr(39)))}") from None
+    return prediction
 
 
 def classify_grpc(image: bytes, target: str, port: int, timeout_s: float, top_k: int | None) -> dict[str, Any]:
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(metadata_rest(args.target, port, args.timeout_second), indent=2))
             return 0
         image = args.image_file.read_bytes()
+        open_image(image)  # the service's own checks, before anything is sent
         classify = classify_grpc if args.format == "grpc" else classify_rest
         prediction = classify(image, args.target, port, args.timeout_second, args.top_k)
     except OSError as error:
