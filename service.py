@@ -22,6 +22,7 @@ from inception_v3.api import (
     BatchPrediction,
     BatchRequest,
     ImageUpload,
+    JsonInput,
     Prediction,
     decode_base64_image,
     requested_top_k,
@@ -66,7 +67,7 @@ async def predict(image: ModelInput) -> Prediction:
 
 
 @svc.api(
-    input=JSON(pydantic_model=BatchRequest),
+    input=JsonInput(pydantic_model=BatchRequest),
     output=JSON(pydantic_model=BatchPrediction),
     route="predict_batch",
 )

@@ -9,8 +9,10 @@ import contextvars
 import typing as t
 
 import numpy as np
-from bentoml.io import Image
+from bentoml.exceptions import BadInput
+from bentoml.io import JSON, Image
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from .errors import InvalidImage, UnsupportedMediaType
@@ -65,11 +67,7 @@ class ImageUpload(Image, proto_fields=Image.proto_fields):
     async def from_http_request(self, request: Request) -> ModelInput:  # type: ignore[override]
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type == "multipart/form-data":
-            form = await request.form()
-            uploads = [value for value in form.values() if not isinstance(value, str)]
-            if not uploads:
-                raise InvalidImage("multipart form has no file: upload the image as a file field")
-            data = await uploads[0].read()
+            data = await read_uploaded_file(request)
         elif media_type.startswith("image/") or media_type == "application/octet-stream":
             data = await request.body()
         else:
@@ -84,8 +82,37 @@ class ImageUpload(Image, proto_fields=Image.proto_fields):
         return await asyncio.to_thread(model_input, data, self.max_pixels)
 
 
+async def read_uploaded_file(request: Request) -> bytes:
+    """The file of a multipart form (as the Swagger UI sends it); a malformed form is a 400."""
+    try:
+        async with request.form(max_files=1, max_fields=8) as form:
+            uploads = [value for value in form.values() if not isinstance(value, str)]
+            if not uploads:
+                raise InvalidImage("multipart form has no file: upload the image as a file field")
+            return await uploads[0].read()
+    except HTTPException as error:  # Starlette's answer to a form it cannot parse
+        raise InvalidImage(f"malformed multipart form: {error.detail}") from None
+
+
 # Not registered under its own id: clients rebuild a plain ``bentoml.io.Image`` from its spec.
 ImageUpload.descriptor_id = Image.descriptor_id
+
+
+class JsonInput(JSON, proto_fields=JSON.proto_fields):
+    """``bentoml.io.JSON`` that answers every unparsable body with 400.
+
+    BentoML's answers bytes that are not UTF-8, or JSON nested too deep for the
+    parser, with 500.
+    """
+
+    async def from_http_request(self, request: Request) -> t.Any:
+        try:
+            return await super().from_http_request(request)
+        except (UnicodeDecodeError, RecursionError) as error:
+            raise BadInput(f"Invalid JSON input received: {type(error).__name__}: {error}") from None
+
+
+JsonInput.descriptor_id = JSON.descriptor_id
 
 
 def decode_base64_image(text: str) -> bytes:

@@ -17,7 +17,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
 
 INPUT_SIZE = 299
-SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF"})
+# The only parsers PIL runs on request bytes; multi-picture JPEGs (MPO) open through JPEG's.
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 SUPPORTED_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif")
 DEFAULT_MAX_PIXELS = 40_000_000
 EXIF_ORIENTATION = 0x0112
@@ -71,16 +72,14 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     if not data:
         raise InvalidImage("empty request body: send the image file's bytes")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except UnidentifiedImageError:
-        raise UnsupportedMediaType("not a readable image: send JPEG, PNG, WebP, BMP or GIF bytes") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise UnsupportedMediaType("not a JPEG, PNG, WebP, BMP or GIF image") from None
+    except Image.DecompressionBombError as error:  # PIL's own limit, when above ours
+        raise PayloadTooLarge(str(error)) from None
+    except (OSError, ValueError, SyntaxError) as error:
         raise InvalidImage(f"corrupt image header: {error}") from None
-    if image.format not in SUPPORTED_FORMATS:
-        raise UnsupportedMediaType(f"{image.format} images are not supported: send JPEG, PNG, WebP, BMP or GIF")
     width, height = image.size
-    if width < 1 or height < 1:
-        raise InvalidImage(f"image has no pixels ({width}x{height})")
     if width * height > max_pixels:
         raise PayloadTooLarge(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
     return image

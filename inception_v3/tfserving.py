@@ -193,7 +193,7 @@ def rest_app(model: ServedModel) -> Starlette:
             if request.method == "POST" and verb == "predict" and tail == "":
                 try:
                     body = json.loads(await request.body())
-                except ValueError as parse_error:
+                except (ValueError, RecursionError) as parse_error:  # RecursionError: nested too deep
                     raise BadInput(f"body is not valid JSON: {parse_error}") from None
                 images, output_key = rest_images(body)
                 if body.get("signature_name"):

@@ -1,0 +1,137 @@
+"""Image files the hardening tests send: every format and mode the service must
+take, made with PIL from one synthetic picture, and the bad input it must refuse."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+EXIF_ORIENTATION = 0x0112
+
+
+def picture(width: int = 96, height: int = 64) -> Image.Image:
+    """An RGB picture with no symmetry, so a wrong rotation or channel order shows."""
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + 2 * y) % 256], axis=-1)
+    pixels[: height // 4, : width // 4] = (250, 20, 20)  # a red corner: top left
+    return Image.fromarray(pixels.astype(np.uint8), "RGB")
+
+
+def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def jpeg_with_orientation(image: Image.Image, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    return encode(image, "JPEG", quality=95, exif=exif.tobytes())
+
+
+def stored_for_orientation(upright: Image.Image, orientation: int) -> Image.Image:
+    """What a camera stores so that the EXIF ``orientation`` shows ``upright``."""
+    inverse = {
+        1: None,
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_90,
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_270,
+    }[orientation]
+    return upright if inverse is None else upright.transpose(inverse)
+
+
+def animated_gif(frames: int = 3) -> bytes:
+    """First frame: the picture; later frames: solid colours."""
+    first = picture()
+    others = [Image.new("RGB", first.size, (0, 0, 255 - 40 * i)) for i in range(frames - 1)]
+    return encode(first, "GIF", save_all=True, append_images=others, duration=100, loop=0)
+
+
+def png_file(width: int, height: int, bit_depth: int, colour_type: int, idat: bytes) -> bytes:
+    """A PNG written by hand, for what PIL will not write."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` and holds a few hundred bytes: a decompression bomb's header."""
+
+    return png_file(width, height, 8, 2, zlib.compress(b"\0" * 1024))
+
+
+def png_bomb(side: int) -> bytes:
+    """A valid PNG of ``side`` x ``side`` black pixels in under 1 MB: a decompression bomb.
+
+    Zlib blocks ended by a full flush stand alone, so one compressed block of
+    1000 rows is repeated; the Adler-32 of ``n`` zero bytes is ``(n % 65521) << 16 | 1``.
+    """
+    rows_per_block = 1000
+    assert side % rows_per_block == 0
+    block = b"\0" * ((side + 1) * rows_per_block)  # each row: filter byte 0, then one grayscale byte per pixel
+    compressor = zlib.compressobj(9)
+    first = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH)
+    repeated = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH)
+    adler = ((side + 1) * side % 65521) << 16 | 1
+    final_empty_block = b"\x03\x00"
+    idat = first + repeated * (side // rows_per_block - 1) + final_empty_block + adler.to_bytes(4, "big")
+    return png_file(side, side, 8, 0, idat)
+
+
+def valid_samples() -> dict[str, bytes]:
+    """Valid images of every format and mode the service takes, each classifiable."""
+    rgb = picture()
+    gray = rgb.convert("L")
+    rgba = rgb.copy()
+    rgba.putalpha(Image.fromarray(np.tile(np.linspace(0, 255, rgb.width, dtype=np.uint8), (rgb.height, 1))))
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    palette_transparent = palette.copy()
+    palette_transparent.info["transparency"] = 0
+    gray16 = Image.fromarray(np.asarray(gray, dtype=np.uint16) * 257)
+    rgb16 = np.asarray(rgb, dtype=np.uint16) * 257
+    return {
+        "jpeg": encode(rgb, "JPEG", quality=95),
+        "jpeg-progressive": encode(rgb, "JPEG", quality=95, progressive=True),
+        "jpeg-grayscale": encode(gray, "JPEG", quality=95),
+        "jpeg-cmyk": encode(rgb.convert("CMYK"), "JPEG", quality=95),
+        "jpeg-exif-rotated": jpeg_with_orientation(stored_for_orientation(rgb, 6), 6),
+        "png": encode(rgb, "PNG"),
+        "png-rgba": encode(rgba, "PNG"),
+        "png-la": encode(rgba.convert("LA"), "PNG"),
+        "png-grayscale": encode(gray, "PNG"),
+        "png-palette": encode(palette, "PNG"),
+        "png-palette-transparent": encode(palette_transparent, "PNG", transparency=0),
+        "png-16bit-grayscale": encode(gray16, "PNG"),
+        "png-16bit-rgb": png_16bit_rgb(rgb16),
+        "png-1bit": encode(gray.convert("1"), "PNG"),
+        "gif": encode(palette, "GIF"),
+        "gif-animated": animated_gif(),
+        "bmp": encode(rgb, "BMP"),
+        "webp": encode(rgb, "WEBP", quality=95),
+        "webp-alpha": encode(rgba, "WEBP", quality=95),
+    }
+
+
+def png_16bit_rgb(pixels: np.ndarray) -> bytes:
+    """PIL writes no 16-bit RGB PNG; this one is written by hand (filter 0, big-endian samples)."""
+    height, width, _ = pixels.shape
+    raw = b"".join(b"\0" + pixels[row].astype(">u2").tobytes() for row in range(height))
+
+    return png_file(width, height, 16, 2, zlib.compress(raw))
+
+
+def unsupported_samples() -> dict[str, bytes]:
+    """Real images in formats the service does not take (415)."""
+    rgb = picture()
+    return {"tiff": encode(rgb, "TIFF"), "ico": encode(rgb, "ICO"), "pdf": encode(rgb, "PDF")}

@@ -1,0 +1,167 @@
+"""``prepare_image``, the one decode path: every format and mode the service takes
+gives the model the right pixels, and every bad input raises the client error
+(and so the HTTP and gRPC status) it deserves."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from bentoml.grpc.utils import grpc_status_code
+from PIL import Image
+
+from inception_v3.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType, register_grpc_status_codes
+from inception_v3.preprocessing import INPUT_SIZE, model_input, prepare_image
+from tests.conftest import CAT_JPEG
+from tests.images import (
+    EXIF_ORIENTATION,
+    encode,
+    jpeg_with_orientation,
+    picture,
+    png_bomb,
+    png_header_only,
+    stored_for_orientation,
+    unsupported_samples,
+    valid_samples,
+)
+
+SAMPLES = valid_samples()
+UPRIGHT = prepare_image(encode(picture(), "PNG")).astype(int)
+
+
+def mean_difference(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(int) - b.astype(int)).mean())
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_every_format_and_mode_gives_the_model_input(name: str) -> None:
+    pixels = prepare_image(SAMPLES[name])
+    assert pixels.shape == (INPUT_SIZE, INPUT_SIZE, 3)
+    assert pixels.dtype == np.uint8
+
+
+@pytest.mark.parametrize("name", ["png", "bmp", "png-16bit-rgb"])
+def test_lossless_files_give_the_pictures_pixels(name: str) -> None:
+    assert np.array_equal(prepare_image(SAMPLES[name]), UPRIGHT)
+
+
+@pytest.mark.parametrize("name", ["jpeg", "jpeg-progressive", "jpeg-cmyk", "webp"])
+def test_lossy_files_give_nearly_the_pictures_pixels(name: str) -> None:
+    assert mean_difference(prepare_image(SAMPLES[name]), UPRIGHT) < 2
+
+
+@pytest.mark.parametrize("name", ["png-grayscale", "jpeg-grayscale", "png-16bit-grayscale"])
+def test_grayscale_becomes_three_equal_channels(name: str) -> None:
+    pixels = prepare_image(SAMPLES[name])
+    assert np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 0], pixels[..., 2])
+    expected = prepare_image(encode(picture().convert("L"), "PNG"))
+    assert mean_difference(pixels, expected) < 2
+
+
+def test_16_bit_samples_keep_their_high_byte() -> None:
+    assert np.array_equal(prepare_image(SAMPLES["png-16bit-grayscale"]), prepare_image(SAMPLES["png-grayscale"]))
+
+
+def test_transparency_is_composited_over_white() -> None:
+    image = Image.new("RGBA", (64, 64), (200, 0, 0, 255))
+    image.paste((0, 0, 200, 0), (0, 0, 32, 64))  # left half: blue, fully transparent
+    pixels = prepare_image(encode(image, "PNG"))
+    assert (pixels[:, :140] == 255).all()  # the resize blends a few columns at the border
+    assert (pixels[:, 160:] == (200, 0, 0)).all()
+
+
+def test_palette_transparency_is_composited_over_white() -> None:
+    image = Image.new("P", (64, 64), 1)
+    image.putpalette([0, 0, 0, 200, 0, 0] + [0] * 762)
+    image.paste(0, (0, 0, 32, 64))
+    pixels = prepare_image(encode(image, "PNG", transparency=0))
+    assert (pixels[:, :140] == 255).all()
+    assert (pixels[:, 160:] == (200, 0, 0)).all()
+
+
+def test_animated_gif_gives_its_first_frame() -> None:
+    pixels = prepare_image(SAMPLES["gif-animated"])
+    first_frame = prepare_image(encode(picture().convert("P", palette=Image.Palette.ADAPTIVE), "GIF"))
+    assert mean_difference(pixels, first_frame) < 8
+    later_frame = np.zeros_like(pixels)
+    later_frame[..., 2] = 255
+    assert mean_difference(pixels, later_frame) > 50
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_gives_the_upright_pixels(orientation: int) -> None:
+    stored = stored_for_orientation(picture(), orientation)
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    assert np.array_equal(prepare_image(encode(stored, "PNG", exif=exif.tobytes())), UPRIGHT)
+    assert mean_difference(prepare_image(jpeg_with_orientation(stored, orientation)), UPRIGHT) < 2
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_model_input_is_a_plain_jpeg_itself_or_prepare_images_pixels(name: str) -> None:
+    """What the API worker hands the runner; rotated or CMYK JPEGs must come as pixels."""
+    prepared = model_input(SAMPLES[name])
+    if isinstance(prepared, bytes):
+        assert name in ("jpeg", "jpeg-progressive", "jpeg-grayscale")
+        assert prepared == SAMPLES[name]
+    else:
+        assert np.array_equal(prepared, prepare_image(SAMPLES[name]))
+
+
+def test_large_photo_within_the_limit() -> None:
+    photo = picture(4000, 3000)
+    assert prepare_image(encode(photo, "JPEG", quality=90)).shape == (INPUT_SIZE, INPUT_SIZE, 3)
+
+
+def test_pixel_limit_counts_width_times_height() -> None:
+    image = encode(picture(100, 50), "PNG")
+    assert prepare_image(image, max_pixels=5000).shape == (INPUT_SIZE, INPUT_SIZE, 3)
+    with pytest.raises(PayloadTooLarge, match="100x50"):
+        prepare_image(image, max_pixels=4999)
+
+
+# Refused from the header, before any pixel is decoded.
+BAD_HEADERS = {
+    "empty": (b"", InvalidImage),
+    "text": (b"hello, world", UnsupportedMediaType),
+    "html": (b"<html><body>not an image</body></html>", UnsupportedMediaType),
+    **{name: (data, UnsupportedMediaType) for name, data in unsupported_samples().items()},
+    # PIL's PNG parser rejects the header, and PIL cannot tell that from another format.
+    "png-zero-width": (png_header_only(0, 10), UnsupportedMediaType),
+    "png-over-the-pixel-limit": (png_header_only(7000, 7000), PayloadTooLarge),
+    "png-bomb-30000x30000": (png_bomb(30000), PayloadTooLarge),
+}
+# Refused while decoding.
+BAD_PIXELS = {
+    "truncated-jpeg": CAT_JPEG.read_bytes()[:50_000],
+    "jpeg-header-only": CAT_JPEG.read_bytes()[:600],
+    "truncated-png": SAMPLES["png-rgba"][:150],
+    "truncated-gif": SAMPLES["gif-animated"][:900],
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_HEADERS))
+def test_bad_header_raises_its_client_error(name: str) -> None:
+    data, error = BAD_HEADERS[name]
+    with pytest.raises(error):
+        prepare_image(data)
+    with pytest.raises(error):
+        model_input(data)
+
+
+@pytest.mark.parametrize("name", sorted(BAD_PIXELS))
+def test_corrupt_or_truncated_image_is_invalid(name: str) -> None:
+    with pytest.raises(InvalidImage):
+        prepare_image(BAD_PIXELS[name])
+
+
+def test_client_errors_map_to_http_and_grpc_statuses() -> None:
+    register_grpc_status_codes()
+    expected = {
+        InvalidImage: (400, grpc.StatusCode.INVALID_ARGUMENT),
+        PayloadTooLarge: (413, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        UnsupportedMediaType: (415, grpc.StatusCode.INVALID_ARGUMENT),
+    }
+    for error, (http_status, grpc_code) in expected.items():
+        assert int(error.error_code) == http_status
+        assert grpc_status_code(error("x")) == grpc_code
