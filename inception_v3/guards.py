@@ -1,30 +1,54 @@
-"""What stands in front of the APIs on both doors: limits, overload, error bodies.
+"""What stands in front of the APIs on both doors: limits, overload, errors, shutdown.
+
+Admission (per API server, both doors): at most ``max_concurrency`` requests are
+served at once; up to ``max_queue`` more wait for a slot, first come first
+served; any further request is refused at once, 503 with ``Retry-After`` over
+HTTP, UNAVAILABLE with ``grpc-retry-pushback-ms`` over gRPC, so overload sheds
+load quickly instead of queueing without end.
 
 HTTP (an ASGI middleware): bodies over ``max_body_bytes`` get 413 before they
-are read; more than ``max_in_flight`` requests get 503 with Retry-After at once;
-every 4xx/5xx body becomes TensorFlow Serving's ``{"error": "..."}``; each
-response carries an ``X-Request-ID`` (the client's, or a new one) that the
-server's log lines name too. ``?top_k=`` is read here.
+are read (a chunked body is counted as it arrives); every 4xx/5xx body becomes
+TensorFlow Serving's ``{"error": "..."}``; every response carries an
+``X-Request-ID`` (the client's, or a new one). ``?top_k=`` is read here. The
+OpenAPI document (``/docs.json``) gets the statuses the service really answers
+and the ``top_k`` parameter. The per-request timeout is BentoML's
+(``api_server.traffic.timeout``, 504); on SIGTERM uvicorn finishes what it holds.
 
-gRPC (a server interceptor): the same in-flight limit (UNAVAILABLE), errors that
-BentoML raises before its own handler (an unknown API name) mapped to their
-status instead of UNKNOWN, and the ``top_k`` metadata key. gRPC's own message
+gRPC (a server interceptor): the same admission; the same per-request timeout
+(DEADLINE_EXCEEDED); request bytes that do not parse get INVALID_ARGUMENT
+instead of UNKNOWN; errors raised before BentoML's handler mapped to their
+status; the ``top_k`` and ``x-request-id`` metadata keys. gRPC's own message
 limit (``api_server.grpc.max_message_length``) answers RESOURCE_EXHAUSTED.
+BentoML's gRPC worker dies at once on SIGTERM, dropping what it holds; here
+SIGTERM first refuses new calls and waits for those in flight (at most the
+request timeout), then lets the signal take its course.
+
+Both doors record every answer in ``observability``'s metrics and name the
+request id in log lines.
 """
 
 from __future__ import annotations
 
-import contextvars
+import asyncio
+import contextlib
 import json
+import os
+import signal
+import time
 import typing as t
 import uuid
+from collections.abc import AsyncIterator, Callable
+from http import HTTPStatus
+from urllib.parse import parse_qs
 
 import grpc
-from bentoml.exceptions import BentoMLException
+from bentoml.exceptions import BadInput, BentoMLException, ServiceUnavailable
 from bentoml.grpc.utils import grpc_status_code
+from google.protobuf.message import DecodeError
 
 from .api import requested_top_k
-from .errors import InvalidImage, register_grpc_status_codes
+from .errors import PayloadTooLarge, register_grpc_status_codes
+from .observability import configure_logging, metrics, request_id
 
 if t.TYPE_CHECKING:
     import bentoml
@@ -33,102 +57,194 @@ if t.TYPE_CHECKING:
 
 Scope = dict[str, t.Any]
 Message = dict[str, t.Any]
-Receive = t.Callable[[], t.Awaitable[Message]]
-Send = t.Callable[[Message], t.Awaitable[None]]
+Receive = Callable[[], t.Awaitable[Message]]
+Send = Callable[[Message], t.Awaitable[None]]
+BodyRewrite = Callable[[bytes], bytes]
 
 UNGUARDED_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics", "/docs.json", "/"})
-RETRY_AFTER_S = "1"
-request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+TF_SERVING_PREFIX = "/v1/"
+DRAIN_POLL_S = 0.05
+FLUSH_S = 0.5  # after the last call in flight has answered, for its bytes to leave
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+# What the APIs answer besides BentoML's documented 200, 400, 404 and 500.
+DOCUMENTED_ERRORS = (
+    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+    HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+    HTTPStatus.SERVICE_UNAVAILABLE,
+    HTTPStatus.GATEWAY_TIMEOUT,
+)
+
+
+class Overloaded(ServiceUnavailable):
+    """503 / UNAVAILABLE: no slot free and the queue full, or the server shutting down."""
+
+
+class BodyTooLarge(PayloadTooLarge):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body over the {limit}-byte limit")
 
 
 def parse_top_k(value: str | None) -> int | None:
-    if value is None or value == "":
+    if value is None:
         return None
     if not value.isdigit() or not 1 <= int(value) <= 1000:
-        raise InvalidImage(f"top_k must be an integer from 1 to 1000, got {value!r}")
+        raise BadInput(f"top_k must be an integer from 1 to 1000, got {value!r}")
     return int(value)
 
 
-class BodyTooLargeError(Exception):
-    pass
+class Admission:
+    """``max_concurrency`` requests served at once, ``max_queue`` more waiting, the rest refused."""
+
+    def __init__(self, protocol: str, max_concurrency: int, max_queue: int) -> None:
+        self.protocol = protocol
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        self.slots = asyncio.Semaphore(max_concurrency)  # FIFO; binds to the server's loop on first use
+        self.running = 0
+        self.waiting = 0
+        self.draining = False
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self.draining:
+            raise Overloaded("server shutting down: retry on another replica or shortly")
+        if self.slots.locked():
+            if self.waiting >= self.max_queue:
+                raise Overloaded(
+                    f"server busy: {self.running} requests being served and {self.waiting} waiting; retry shortly"
+                )
+            self.waiting += 1
+            metrics().queued.labels(self.protocol).inc()
+            try:
+                await self.slots.acquire()
+            finally:
+                self.waiting -= 1
+                metrics().queued.labels(self.protocol).dec()
+        else:
+            await self.slots.acquire()
+        self.running += 1
+        metrics().in_flight.labels(self.protocol).inc()
+        try:
+            yield
+        finally:
+            self.running -= 1
+            metrics().in_flight.labels(self.protocol).dec()
+            self.slots.release()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new requests; return when none is served or waiting, or after ``timeout_s``."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while (self.running or self.waiting) and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
 
 
 class HttpGuard:
-    def __init__(self, app: t.Callable[..., t.Awaitable[None]], max_body_bytes: int, max_in_flight: int) -> None:
+    def __init__(
+        self,
+        app: Callable[[Scope, Receive, Send], t.Awaitable[None]],
+        admission: Admission,
+        max_body_bytes: int,
+        retry_after_s: int,
+        api_paths: frozenset[str],
+    ) -> None:
         self.app = app
+        self.admission = admission
         self.max_body_bytes = max_body_bytes
-        self.max_in_flight = max_in_flight
-        self.in_flight = 0
+        self.retry_after_s = retry_after_s
+        self.api_paths = api_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in UNGUARDED_PATHS or scope["path"].startswith("/static"):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in UNGUARDED_PATHS or path.startswith("/static"):
+            if path == "/docs.json":
+                send = rewrite_responses(send, lambda start: document_openapi if start["status"] == 200 else None)
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
         request_id.set(rid)
-        send = self.error_bodies_as_json(send, rid)
+        started = time.perf_counter()
+        answer: dict[str, int] = {}
+        send = rewrite_responses(send, lambda start: self.on_response_start(start, rid, answer))
         try:
-            top_k = parse_top_k(query_param(scope, "top_k"))
-        except BentoMLException as error:
-            return await respond(send, int(error.error_code), error.message)
-        requested_top_k.set(top_k)
-        declared = headers.get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-            return await respond(send, 413, f"request body over the {self.max_body_bytes}-byte limit")
-        if self.in_flight >= self.max_in_flight:
-            return await respond(send, 503, f"server busy: {self.in_flight} requests in flight; retry shortly")
-        self.in_flight += 1
-        try:
-            await self.app(scope, self.counting(receive), send)
-        except BodyTooLargeError:
-            await respond(send, 413, f"request body over the {self.max_body_bytes}-byte limit")
+            await self.guarded(scope, receive, send, headers, answer)
         finally:
-            self.in_flight -= 1
+            status = str(answer.get("status", "cancelled"))
+            metrics().answered("http", self.endpoint(path), status, time.perf_counter() - started)
 
-    def counting(self, receive: Receive) -> Receive:
+    async def guarded(self, scope: Scope, receive: Receive, send: Send, headers: dict, answer: dict) -> None:
+        try:
+            requested_top_k.set(parse_top_k(query_param(scope, "top_k")))
+            declared = headers.get(b"content-length")
+            if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+                raise BodyTooLarge(self.max_body_bytes)
+            async with self.admission.slot():
+                await self.app(scope, self.limited(receive), send)
+        except BentoMLException as error:  # the guard's own refusals; the APIs answer theirs
+            if "status" in answer:
+                raise
+            await send({"type": "http.response.start", "status": int(error.error_code), "headers": []})
+            await send({"type": "http.response.body", "body": json.dumps({"error": error.message}).encode()})
+
+    def limited(self, receive: Receive) -> Receive:
+        """Count a body without Content-Length as it arrives; the APIs answer BodyTooLarge with 413."""
         received = 0
 
-        async def receive_counted() -> Message:
+        async def receive_limited() -> Message:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_body_bytes:
-                raise BodyTooLargeError
+                raise BodyTooLarge(self.max_body_bytes)
             return message
 
-        return receive_counted
+        return receive_limited
 
-    @staticmethod
-    def error_bodies_as_json(send: Send, rid: str) -> Send:
-        """Rewrite error responses as {"error": message}; add Retry-After to 503 and 429."""
-        pending: Message | None = None
-        chunks: list[bytes] = []
+    def on_response_start(self, start: Message, rid: str, answer: dict[str, int]) -> BodyRewrite | None:
+        status = answer["status"] = start["status"]
+        headers = [*start.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
+        if status < 400:
+            start["headers"] = headers
+            return None
+        headers = [(k, v) for k, v in headers if k.lower() != b"content-type"]
+        headers.append((b"content-type", b"application/json"))
+        if status in (HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE):
+            headers.append((b"retry-after", str(self.retry_after_s).encode()))
+        start["headers"] = headers
+        return lambda body: error_body(body, status)
 
-        async def send_rewritten(message: Message) -> None:
-            nonlocal pending
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode("latin-1"))]
-                if message["status"] >= 400:
-                    pending = message
-                    return
-            elif pending is not None and message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-                if message.get("more_body"):
-                    return
-                body = error_body(b"".join(chunks), pending["status"])
-                headers = [
-                    (k, v) for k, v in pending["headers"] if k.lower() not in (b"content-length", b"content-type")
-                ]
-                headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-                if pending["status"] in (429, 503):
-                    headers.append((b"retry-after", RETRY_AFTER_S.encode()))
-                await send({**pending, "headers": headers})
-                message = {"type": "http.response.body", "body": body}
-                pending = None
-            await send(message)
+    def endpoint(self, path: str) -> str:
+        """A metrics label from a bounded set: an API route, the TF Serving routes, or "other"."""
+        if path in self.api_paths:
+            return path
+        return "/v1/models" if path.startswith(TF_SERVING_PREFIX) else "other"
 
-        return send_rewritten
+
+def rewrite_responses(send: Send, on_start: Callable[[Message], BodyRewrite | None]) -> Send:
+    """``on_start`` sees (and may edit) each response start; the body of those it returns a rewrite for is rewritten."""
+    start: Message = {}
+    rewrite: BodyRewrite | None = None
+    chunks: list[bytes] = []
+
+    async def send_rewritten(message: Message) -> None:
+        nonlocal start, rewrite
+        if message["type"] == "http.response.start":
+            rewrite = on_start(message)
+            if rewrite is not None:
+                start = message
+                return
+        elif rewrite is not None and message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = rewrite(b"".join(chunks))
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            message = {"type": "http.response.body", "body": body}
+            rewrite = None
+        await send(message)
+
+    return send_rewritten
 
 
 def error_body(raw: bytes, status: int) -> bytes:
@@ -144,59 +260,164 @@ def error_body(raw: bytes, status: int) -> bytes:
     elif isinstance(parsed, str) and parsed.strip():
         message = parsed.removeprefix("BentoService error handling API request: ").strip()
     else:
-        message = {404: "not found", 405: "method not allowed", 500: "internal server error"}.get(
-            status, f"HTTP {status}"
-        )
+        message = {
+            404: "not found",
+            405: "method not allowed",
+            500: "internal server error",
+            503: "server busy: retry shortly",
+        }.get(status, f"HTTP {status}")
     return json.dumps({"error": message}).encode()
 
 
-def query_param(scope: Scope, name: str) -> str | None:
-    from urllib.parse import parse_qs
+def document_openapi(raw: bytes) -> bytes:
+    """BentoML documents 200, 400, 404 and 500 only; add the statuses the APIs answer and ``top_k``."""
+    spec = json.loads(raw)
+    spec.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+    for path, item in spec.get("paths", {}).items():
+        operation = item.get("post")
+        if operation is None or "x-bentoml-name" not in operation:
+            continue
+        for status in DOCUMENTED_ERRORS:
+            operation["responses"][str(status.value)] = {
+                "description": status.phrase,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            }
+        if path == "/predict":
+            operation["parameters"] = [
+                {
+                    "name": "top_k",
+                    "in": "query",
+                    "required": False,
+                    "description": "how many classes to return, best first (default 5)",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                }
+            ]
+    return json.dumps(spec).encode()
 
-    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(name)
+
+def query_param(scope: Scope, name: str) -> str | None:
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True).get(name)
     return values[-1] if values else None
 
 
-async def respond(send: Send, status: int, message: str) -> None:
-    # Goes through error_bodies_as_json, which adds the JSON framing and headers.
-    await send({"type": "http.response.start", "status": status, "headers": []})
-    await send({"type": "http.response.body", "body": json.dumps({"error": message}).encode()})
+class Undecodable:
+    """Request bytes that are not the method's protobuf message: answered INVALID_ARGUMENT.
+
+    grpc answers a deserializer's exception with UNKNOWN and logs a traceback, so
+    the deserializer returns this instead; ``ByteSize`` is for BentoML's access log.
+    """
+
+    def __init__(self, size: int, error: str) -> None:
+        self.size = size
+        self.error = error
+
+    def ByteSize(self) -> int:  # noqa: N802 (protobuf's name)
+        return self.size
+
+
+def tolerant(deserialize: Callable[[bytes], t.Any] | None) -> Callable[[bytes], t.Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(raw: bytes) -> t.Any:
+        try:
+            return deserialize(raw)
+        except DecodeError as error:
+            return Undecodable(len(raw), str(error))
+
+    return parse
 
 
 class GrpcGuard(grpc.aio.ServerInterceptor):
-    def __init__(self, max_in_flight: int) -> None:
-        self.max_in_flight = max_in_flight
-        self.in_flight = 0
+    def __init__(self, admission: Admission, timeout_s: float, retry_after_s: int) -> None:
+        self.admission = admission
+        self.timeout_s = timeout_s
+        self.retry_after_s = retry_after_s
+        self.drain_task: asyncio.Task[None] | None = None
+        self.sigterm_handled = False
 
-    async def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(
+        self, continuation: Callable[[t.Any], t.Awaitable[t.Any]], handler_call_details: t.Any
+    ) -> t.Any:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or "grpc.health" in handler_call_details.method:
+        method = handler_call_details.method
+        if handler is None or handler.unary_unary is None or method.startswith("/grpc.health."):
             return handler
+        self.handle_sigterm()
         inner = handler.unary_unary
 
         async def guarded(request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:
             metadata = dict(context.invocation_metadata() or ())
-            request_id.set(str(metadata.get("x-request-id", "")) or uuid.uuid4().hex)
+            request_id.set(str(metadata.get("x-request-id", ""))[:128] or uuid.uuid4().hex)
+            started = time.perf_counter()
+            failed = True
             try:
-                requested_top_k.set(parse_top_k(metadata.get("top_k")))
-                if self.in_flight >= self.max_in_flight:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "server busy; retry shortly")
-                self.in_flight += 1
-                try:
-                    return await inner(request, context)
-                finally:
-                    self.in_flight -= 1
-            except BentoMLException as error:
-                await context.abort(grpc_status_code(error), error.message)
+                response = await self.admit(inner, request, context, metadata)
+                failed = False
+                return response
+            finally:
+                code = context.code()
+                status = code.name if code is not None else ("UNKNOWN" if failed else "OK")
+                metrics().answered("grpc", method, status, time.perf_counter() - started)
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return handler._replace(unary_unary=guarded, request_deserializer=tolerant(handler.request_deserializer))
+
+    async def admit(
+        self,
+        inner: Callable[..., t.Awaitable[t.Any]],
+        request: t.Any,
+        context: grpc.aio.ServicerContext,
+        metadata: dict[str, t.Any],
+    ) -> t.Any:
+        try:
+            if isinstance(request, Undecodable):
+                raise BadInput(f"malformed request message: {request.error}")
+            requested_top_k.set(parse_top_k(metadata.get("top_k")))
+            async with self.admission.slot():
+                async with asyncio.timeout(self.timeout_s):
+                    return await inner(request, context)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"not answered within {self.timeout_s} s")
+        except Overloaded as error:
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(self.retry_after_s * 1000)),))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, error.message)
+        except BentoMLException as error:
+            await context.abort(grpc_status_code(error), error.message)
+
+    def handle_sigterm(self) -> None:
+        """Installed with the first call, in the server's event loop; until then SIGTERM has nothing to drain."""
+        if self.sigterm_handled:
+            return
+        self.sigterm_handled = True
+        loop = asyncio.get_running_loop()
+
+        def start_drain() -> None:
+            if self.drain_task is None:
+                self.drain_task = loop.create_task(self.drain_then_exit(loop))
+
+        loop.add_signal_handler(signal.SIGTERM, start_drain)
+
+    async def drain_then_exit(self, loop: asyncio.AbstractEventLoop) -> None:
+        await self.admission.drain(self.timeout_s)
+        await asyncio.sleep(FLUSH_S)
+        loop.remove_signal_handler(signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def install(svc: bentoml.legacy.Service, settings: Settings) -> None:
     register_grpc_status_codes()
-    svc.add_asgi_middleware(HttpGuard, max_body_bytes=settings.max_body_bytes, max_in_flight=settings.max_in_flight)
-    svc.add_grpc_interceptor(GrpcGuard, max_in_flight=settings.max_in_flight)
+    configure_logging()
+    limits = {"max_concurrency": settings.max_concurrency, "max_queue": settings.max_queue}
+    svc.add_asgi_middleware(
+        HttpGuard,
+        admission=Admission("http", **limits),
+        max_body_bytes=settings.max_body_bytes,
+        retry_after_s=settings.retry_after_s,
+        api_paths=frozenset("/" + api.route.lstrip("/") for api in svc.apis.values()),
+    )
+    svc.add_grpc_interceptor(
+        GrpcGuard,
+        admission=Admission("grpc", **limits),
+        timeout_s=settings.request_timeout_s,
+        retry_after_s=settings.retry_after_s,
+    )

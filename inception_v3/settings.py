@@ -32,7 +32,9 @@ class Settings:
     max_image_pixels: int
     max_images_per_request: int
     request_timeout_s: float
-    max_in_flight: int
+    max_concurrency: int
+    max_queue: int
+    retry_after_s: int
     config_file: Path
 
 
@@ -58,6 +60,8 @@ def load_settings() -> Settings:
         max_image_pixels=own["max_image_pixels"],
         max_images_per_request=own["max_images_per_request"],
         request_timeout_s=api_server["traffic"]["timeout"],
-        max_in_flight=own["max_in_flight"],
+        max_concurrency=own["max_concurrency"],
+        max_queue=own["max_queue"],
+        retry_after_s=own["retry_after_s"],
         config_file=path,
     )
