@@ -56,7 +56,7 @@ stop:
 	fi
 	@if [ -f $(RUN_DIR)/container.json ]; then $(PY) -m container.image stop; fi
 
-test: setup
+test: setup browser-deps
 	$(PY) -m pytest
 
 lint: setup
@@ -89,6 +89,22 @@ image-test: setup
 	RUN_IMAGE_TESTS=1 $(PY) -m pytest -m image tests/test_image.py -v -s
 
 # --- hardening: browser, audit ---------------------------------------------
+
+.PHONY: browser-deps audit
+
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+# Debian's chromium for tests/test_swagger_ui.py; Playwright drives it (no `playwright install`).
+browser-deps:
+	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -q \
+		&& DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
+
+# Known vulnerabilities in every pinned package (constraints.txt: what ships, and the
+# test tools), from PyPI's advisory data (https://pypi.org/pypi/NAME/VERSION/json).
+# --strict: a package that cannot be checked fails the audit instead of passing it.
+# `make test` runs this through tests/test_audit.py where that API answers.
+audit: setup
+	$(VENV)/bin/pip-audit --strict --no-deps --disable-pip --progress-spinner off -r constraints.txt
 
 # --- benchmark ----------------------------------------------------------------
 .PHONY: bench bench-quick

@@ -11,7 +11,7 @@ import typing as t
 import numpy as np
 from bentoml.exceptions import BadInput
 from bentoml.io import JSON, Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
@@ -27,18 +27,35 @@ if t.TYPE_CHECKING:
 requested_top_k: contextvars.ContextVar[int | None] = contextvars.ContextVar("requested_top_k", default=None)
 
 
+# OpenAPI 3.0 "example"s: what the Swagger UI shows as the example value (it does not
+# read JSON Schema's "examples" lists).
+PREDICTION_EXAMPLE = {
+    "label": "Siamese cat",
+    "score": 0.93,
+    "top_k": [
+        {"label": "Siamese cat", "score": 0.93},
+        {"label": "Egyptian cat", "score": 0.03},
+        {"label": "tabby", "score": 0.01},
+    ],
+}
+
+
 class ScoredLabel(BaseModel):
     label: str = Field(examples=["Siamese cat"])
     score: float = Field(ge=0, le=1, examples=[0.93])
 
 
 class Prediction(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": PREDICTION_EXAMPLE})
+
     label: str = Field(description="the most probable class", examples=["Siamese cat"])
     score: float = Field(ge=0, le=1, description="its softmax probability", examples=[0.93])
     top_k: list[ScoredLabel] = Field(description="the k most probable classes, best first")
 
 
 class BatchRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {"images": ["/9j/4AAQSkZJRgABAQ..."], "top_k": 3}})
+
     images: list[str] = Field(
         min_length=1,
         description="base64 image files (standard or URL-safe alphabet)",
@@ -48,6 +65,8 @@ class BatchRequest(BaseModel):
 
 
 class BatchPrediction(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {"predictions": [PREDICTION_EXAMPLE]}})
+
     predictions: list[Prediction]
 
 

@@ -1,0 +1,96 @@
+"""The Swagger UI at ``/``, driven in headless Chromium (Debian's ``chromium``, installed
+by ``make browser-deps``) as a person would: it documents ``predict`` with its
+example answer; uploading ``cat.jpg`` there shows the in-process label."""
+
+from __future__ import annotations
+
+import json
+import typing as t
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.conftest import CAT_JPEG
+
+if t.TYPE_CHECKING:
+    from playwright.sync_api import Page
+
+pytestmark = [pytest.mark.servers, pytest.mark.browser]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+PREDICT = "#operations-Service_APIs-inception_v3__predict"
+TIMEOUT_MS = 120_000
+
+
+@pytest.fixture(scope="module")
+def page(http_address: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Page]:
+    from playwright.sync_api import Route, sync_playwright
+
+    assert CHROMIUM.exists(), "no /usr/bin/chromium: run `make browser-deps`"
+    host = urlsplit(f"http://{http_address}").hostname
+
+    def local_only(route: Route) -> None:
+        # The page also asks Google Tag Manager and badge hosts; nothing leaves this machine.
+        if urlsplit(route.request.url).hostname == host:
+            route.continue_()
+        else:
+            route.abort()
+
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            user_data_dir=tmp_path_factory.mktemp("chromium-profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_FLAGS,
+        )
+        try:
+            context.set_default_timeout(TIMEOUT_MS)
+            context.route("**/*", local_only)
+            page = context.new_page()
+            page.goto(f"http://{http_address}/")
+            page.locator(PREDICT).wait_for()
+            yield page
+        finally:
+            context.close()
+
+
+def test_predict_is_documented_with_its_example_answer(page: Page) -> None:
+    operation = page.locator(PREDICT)
+    operation.locator(".opblock-summary").click()
+    text = operation.inner_text()
+    assert "Classify one image" in text
+    assert "Siamese cat" in text  # the pydantic example of the answer, not an empty schema
+    assert "top_k" in text  # the query parameter
+
+
+def test_upload_shows_the_label(
+    page: Page, reference_classify: Callable[..., dict], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    operation = page.locator(PREDICT)
+    if not operation.locator("button.try-out__btn").is_visible():
+        operation.locator(".opblock-summary").click()
+    operation.locator("button.try-out__btn").click()
+    # The preselected request type changes from start to start: pick it.
+    operation.locator(".opblock-section-request-body select").select_option("image/jpeg")
+    operation.locator("input[type=file]").set_input_files(str(CAT_JPEG))
+    operation.locator("button.execute").click()
+    status = operation.locator(".live-responses-table tr.response td.response-col_status")
+    status.wait_for()
+    body = operation.locator(".live-responses-table .response-col_description pre").first.inner_text()
+    screenshot = tmp_path_factory.mktemp("swagger") / "predict.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    print(f"\nscreenshot: {screenshot}")
+    assert status.inner_text().strip() == "200", body
+    assert json.loads(body)["label"] == reference_classify(CAT_JPEG.read_bytes())["label"]
