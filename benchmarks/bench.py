@@ -304,17 +304,22 @@ def write_config(path: Path, overrides: list[str]) -> None:
     path.write_text(yaml.safe_dump(config))
 
 
-def pss_of_tree(pid: int) -> dict[str, int]:
-    """PSS in bytes of a process and all its descendants, keyed 'pid name'."""
+def memory_of_tree(pid: int) -> dict[str, dict[str, int]]:
+    """PSS and USS in bytes of a process and all its descendants, keyed 'pid name'.
+
+    PSS splits each shared page among every process that maps it, outside this tree
+    too (other TensorFlow processes from the same environment lower it); the USS sum
+    counts no shared page at all, a lower bound that no other process changes.
+    """
     root = psutil.Process(pid)
     usage = {}
     for process in [root, *root.children(recursive=True)]:
         try:
-            usage[f"{process.pid} {' '.join(process.cmdline()[2:4]) or process.name()}"] = (
-                process.memory_full_info().pss
-            )
+            info = process.memory_full_info()
+            name = f"{process.pid} {' '.join(process.cmdline()[2:4]) or process.name()}"
         except psutil.NoSuchProcess:
-            pass
+            continue
+        usage[name] = {"pss": info.pss, "uss": info.uss}
     return usage
 
 
@@ -322,6 +327,12 @@ def child(args: list[str], env: dict[str, str], output: Path) -> dict[str, Any]:
     command = [sys.executable, "-m", "benchmarks.bench", *args, "--output", str(output)]
     subprocess.run(command, env=env, stdout=sys.stderr, check=True)
     return json.loads(output.read_text())
+
+
+def busy_cpu_s() -> float:
+    """Non-idle CPU seconds of the whole machine since boot."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
 def machine() -> dict[str, Any]:
@@ -354,10 +365,14 @@ def run_stack(env: dict[str, str], work: Path, points: list[LoadPoint]) -> dict[
         load = child(load_args, env, work / "load.json")
         if launcher.poll() is not None:
             raise RuntimeError(f"the launcher exited with {launcher.returncode}; see {work / 'serve.log'}")
-        processes = pss_of_tree(launcher.pid)
-        load["pss_processes_mib"] = {name: round(b / 2**20, 1) for name, b in processes.items()}
-        load["pss_gib"] = sum(processes.values()) / 2**30
-        log(f"serving stack PSS after the load: {load['pss_gib']:.2f} GiB in {len(processes)} processes")
+        processes = memory_of_tree(launcher.pid)
+        load["pss_processes_mib"] = {name: round(m["pss"] / 2**20, 1) for name, m in processes.items()}
+        load["pss_gib"] = sum(m["pss"] for m in processes.values()) / 2**30
+        load["uss_gib"] = sum(m["uss"] for m in processes.values()) / 2**30
+        log(
+            f"serving stack after the load: PSS {load['pss_gib']:.2f} GiB, USS {load['uss_gib']:.2f} GiB "
+            f"in {len(processes)} processes"
+        )
         return load
     finally:
         launcher.send_signal(signal.SIGTERM)
@@ -417,7 +432,8 @@ def table(result: dict[str, Any]) -> str:
     inproc, stack = result["in_process"], result["serving"]
     lines = [
         f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
-        f"flags {' '.join(result['machine']['cpu_flags'])}; load average {result['load_average']}",
+        f"flags {' '.join(result['machine']['cpu_flags'])}; load average {result['load_average']}; "
+        f"other processes used {result['other_processes_cores']} cores during the run",
         f"matmul peak {inproc['matmul_peak_gflops']:.1f} GFLOP/s; model at batch {inproc['best_batch_size']}: "
         f"{inproc['model_gflops_at_best']:.1f} GFLOP/s",
         "",
@@ -434,7 +450,7 @@ def table(result: dict[str, Any]) -> str:
         "",
         f"cold start to ready {stack['cold_start_s']:.1f} s; first request "
         + ", ".join(f"{k} {v:.0f} ms" for k, v in stack["first_request_ms"].items())
-        + f"; serving stack PSS {stack['pss_gib']:.2f} GiB",
+        + f"; serving stack PSS {stack['pss_gib']:.2f} GiB (USS {stack['uss_gib']:.2f} GiB)",
         "",
         f"{'check':<36}{'value':>9}  {'target':<22}result",
     ]
@@ -488,11 +504,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main_run(args: argparse.Namespace) -> int:
     duration = args.duration or (5.0 if args.quick else 25.0)
     model_duration = 3.0 if args.quick else 8.0
-    points = [
-        LoadPoint(protocol, c, duration)
-        for protocol in args.protocols
-        for c in (args.concurrency or ((1, 8) if args.quick else CONCURRENCY))
-    ]
+    # Sequential points first: after a high-concurrency phase BentoML's dispatcher
+    # keeps waiting for batch-mates that never come (its learned wait feeds itself),
+    # which would charge that wait to the sequential latency.
+    points = sorted(
+        (
+            LoadPoint(protocol, c, duration)
+            for protocol in args.protocols
+            for c in (args.concurrency or ((1, 8) if args.quick else CONCURRENCY))
+        ),
+        key=lambda point: point.concurrency,
+    )
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="inception-v3-bench-"))
     config = work / "configuration.yaml"
@@ -504,7 +526,9 @@ def main_run(args: argparse.Namespace) -> int:
         "BENTOML_DO_NOT_TRACK": "true",
         "PYTHONPATH": str(PROJECT_ROOT),
     }
+    started = time.monotonic()
     load_before = os.getloadavg()
+    busy_before = busy_cpu_s()
     if load_before[0] > 0.5:
         log(f"warning: load average {load_before[0]:.2f} before the run; other work will skew the numbers")
     try:
@@ -515,10 +539,16 @@ def main_run(args: argparse.Namespace) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    own = os.times()
+    other_cpu_s = busy_cpu_s() - busy_before - (own.user + own.system + own.children_user + own.children_system)
+    elapsed = time.monotonic() - started
     result = {
         "time": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "machine": machine(),
         "load_average": [round(v, 2) for v in (*load_before, *os.getloadavg())],
+        # CPU that processes outside this benchmark used during the run, in cores:
+        # anything well above 0 means the figures are skewed.
+        "other_processes_cores": round(max(0.0, other_cpu_s) / elapsed, 2),
         "options": {"quick": args.quick, "duration_s": duration, "config_overrides": args.set},
         "in_process": inproc,
         "serving": stack,
