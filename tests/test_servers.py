@@ -87,3 +87,17 @@ def test_client_cli_errors_are_one_line(http_address, tmp_path, capsys):
         assert client.main(["-f", fmt, "-t", "127.0.0.1", "--port", "9", "-s", "2"]) == 1
         err = capsys.readouterr().err
         assert err.startswith("error:") and err.count("\n") == 1
+
+
+def test_grpc_reflection_lists_every_service(grpc_address):
+    import grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(grpc_address) as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {
+        "bentoml.grpc.v1.BentoService",
+        "tensorflow.serving.PredictionService",
+        "tensorflow.serving.ModelService",
+        "grpc.health.v1.Health",
+    } <= services
