@@ -97,7 +97,6 @@ class Admission:
 
     def __init__(self, protocol: str, max_concurrency: int, max_queue: int) -> None:
         self.protocol = protocol
-        self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self.slots = asyncio.Semaphore(max_concurrency)  # FIFO; binds to the server's loop on first use
         self.running = 0
@@ -172,7 +171,9 @@ class HttpGuard:
             status = str(answer.get("status", "cancelled"))
             metrics().answered("http", self.endpoint(path), status, time.perf_counter() - started)
 
-    async def guarded(self, scope: Scope, receive: Receive, send: Send, headers: dict, answer: dict) -> None:
+    async def guarded(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], answer: dict[str, int]
+    ) -> None:
         try:
             requested_top_k.set(parse_top_k(query_param(scope, "top_k")))
             declared = headers.get(b"content-length")
