@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -73,15 +74,18 @@ def reference_classify(saved_model: str) -> Classify:
 
     from inception_v3.api import to_prediction
     from inception_v3.preprocessing import model_input
-    from inception_v3.runner import InceptionV3Runnable, as_batch
+    from inception_v3.runner import InceptionV3Runnable
 
     bento_model = bentoml.models.get(saved_model)
     runnable = InceptionV3Runnable(bento_model)
     class_names = bento_model.custom_objects["class_names"]
 
     def classify(image: bytes, k: int = 5) -> dict:
-        method, batch = as_batch([model_input(image)])
-        probabilities = getattr(runnable, method)(batch)[0]
+        item = model_input(image)
+        if isinstance(item, bytes):
+            probabilities = runnable.classify_jpeg(np.array([item], dtype=object))[0]
+        else:
+            probabilities = runnable.classify(item[np.newaxis])[0]
         return to_prediction(probabilities, class_names, k).model_dump()
 
     return classify
@@ -93,30 +97,52 @@ def servers_context() -> Iterator[contextlib.ExitStack]:
         yield stack
 
 
+@contextlib.contextmanager
+def own_bentoml_home(name: str) -> Iterator[None]:
+    """Start a server with a BENTOML_HOME of its own that links to the shared stores.
+
+    BentoML keeps Prometheus' multiprocess files in $BENTOML_HOME/prometheus_multiproc_dir
+    and empties that folder whenever a server starts, so a second server would erase
+    the metrics of the first.
+    """
+    shared = os.environ["BENTOML_HOME"]
+    home = WORK_DIR / name
+    home.mkdir(exist_ok=True)
+    for store in ("models", "bentos"):
+        if not (home / store).exists():
+            (home / store).symlink_to(Path(shared) / store)
+    os.environ["BENTOML_HOME"] = str(home)
+    try:
+        yield
+    finally:
+        os.environ["BENTOML_HOME"] = shared
+
+
+def hosted_bento(stack: contextlib.ExitStack, use_grpc: bool) -> str:
+    from bentoml.testing.server import host_bento
+
+    with own_bentoml_home("grpc-server" if use_grpc else "http-server"):
+        return stack.enter_context(
+            host_bento(
+                project_path=str(ROOT),
+                config_file=str(TEST_CONFIG),
+                use_grpc=use_grpc,
+                clean_context=stack,
+                timeout=240,
+            )
+        )
+
+
 @pytest.fixture(scope="session")
 def http_address(saved_model: str, servers_context: contextlib.ExitStack) -> str:
     """``bentoml serve`` of the built Bento, as a real subprocess: "127.0.0.1:PORT"."""
-    from bentoml.testing.server import host_bento
-
-    return servers_context.enter_context(
-        host_bento(project_path=str(ROOT), config_file=str(TEST_CONFIG), clean_context=servers_context, timeout=240)
-    )
+    return hosted_bento(servers_context, use_grpc=False)
 
 
 @pytest.fixture(scope="session")
 def grpc_address(saved_model: str, servers_context: contextlib.ExitStack) -> str:
     """``bentoml serve-grpc`` of the built Bento, as a real subprocess: "127.0.0.1:PORT"."""
-    from bentoml.testing.server import host_bento
-
-    return servers_context.enter_context(
-        host_bento(
-            project_path=str(ROOT),
-            config_file=str(TEST_CONFIG),
-            use_grpc=True,
-            clean_context=servers_context,
-            timeout=240,
-        )
-    )
+    return hosted_bento(servers_context, use_grpc=True)
 
 
 def split_address(address: str) -> tuple[str, int]:
