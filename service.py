@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 
 import bentoml
+import numpy as np
 from bentoml.io import JSON
 
 from inception_v3 import guards, tfserving
@@ -29,8 +30,8 @@ from inception_v3.api import (
     to_prediction,
 )
 from inception_v3.errors import InvalidImage
-from inception_v3.preprocessing import ModelInput, prepare_image
-from inception_v3.runner import InceptionV3Runnable, as_batch, failed
+from inception_v3.preprocessing import ModelInput, model_input
+from inception_v3.runner import InceptionV3Runnable, classify_inputs, failed
 from inception_v3.settings import SERVICE_NAME, load_settings
 
 settings = load_settings()
@@ -46,11 +47,23 @@ runner = bentoml.legacy.Runner(
 svc = bentoml.legacy.Service(SERVICE_NAME, runners=[runner])
 
 
-async def classify(items: list[ModelInput], k: int | None) -> list[Prediction]:
-    method, batch = as_batch(items)
-    probabilities = await getattr(runner, method).async_run(batch)
+async def classify(items: list[ModelInput]) -> np.ndarray:
+    """Probabilities for every image of a request; every door (BentoML, TF Serving) comes here."""
+    if len(items) > settings.max_images_per_request:
+        raise InvalidImage(f"{len(items)} images in one request; the limit is {settings.max_images_per_request}")
+    probabilities = await classify_inputs(runner, items)
     if failed(probabilities).any():
         raise InvalidImage("corrupt or truncated JPEG image: it could not be decoded")
+    return probabilities
+
+
+async def classify_files(files: list[bytes]) -> np.ndarray:
+    return await classify(
+        await asyncio.gather(*(asyncio.to_thread(model_input, data, settings.max_image_pixels) for data in files))
+    )
+
+
+def predictions(probabilities: np.ndarray, k: int | None) -> list[Prediction]:
     k = k or requested_top_k.get() or settings.default_top_k
     return [to_prediction(row, class_names, k) for row in probabilities]
 
@@ -62,7 +75,7 @@ async def classify(items: list[ModelInput], k: int | None) -> list[Prediction]:
 )
 async def predict(image: ModelInput) -> Prediction:
     """Classify one image (JPEG, PNG, WebP, BMP or GIF). `?top_k=N` sets how many classes come back."""
-    (prediction,) = await classify([image], None)
+    (prediction,) = predictions(await classify([image]), None)
     return prediction
 
 
@@ -73,18 +86,9 @@ async def predict(image: ModelInput) -> Prediction:
 )
 async def predict_batch(request: BatchRequest) -> BatchPrediction:
     """Classify several base64-encoded images in one request; they share one runner batch."""
-    if len(request.images) > settings.max_images_per_request:
-        raise InvalidImage(
-            f"{len(request.images)} images in one request; the limit is {settings.max_images_per_request}"
-        )
-    pixels = await asyncio.gather(
-        *(
-            asyncio.to_thread(prepare_image, decode_base64_image(text), settings.max_image_pixels)
-            for text in request.images
-        )
-    )
-    return BatchPrediction(predictions=await classify(list(pixels), request.top_k))
+    probabilities = await classify_files([decode_base64_image(text) for text in request.images])
+    return BatchPrediction(predictions=predictions(probabilities, request.top_k))
 
 
 guards.install(svc, settings)
-tfserving.install(svc, runner, bento_model, class_names, settings)
+tfserving.install(svc, classify_files, bento_model, class_names)

@@ -9,22 +9,36 @@ graph (``classify_jpeg``), or uint8 pixels the API worker prepared with PIL
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 import bentoml
 import numpy as np
 
+from .labels import NUM_CLASSES
 from .preprocessing import INPUT_SIZE, ModelInput
 
 logger = logging.getLogger(__name__)
 
 
-def as_batch(items: list[ModelInput]) -> tuple[str, np.ndarray]:
-    """The runnable method for items of one kind, and their batch: JPEG files or pixels."""
-    if all(isinstance(item, bytes) for item in items):
-        return "classify_jpeg", np.array(items, dtype=object)
-    return "classify", np.stack(items)
+async def classify_inputs(runner: bentoml.legacy.Runner, items: list[ModelInput]) -> np.ndarray:
+    """(n, 1000) probabilities for model inputs of either kind, in their order.
+
+    JPEG files and pixels go to their own runner method (each its own batch queue),
+    concurrently when a request holds both.
+    """
+    jpeg_rows = [i for i, item in enumerate(items) if isinstance(item, bytes)]
+    pixel_rows = [i for i, item in enumerate(items) if not isinstance(item, bytes)]
+    calls = []
+    if jpeg_rows:
+        calls.append(runner.classify_jpeg.async_run(np.array([items[i] for i in jpeg_rows], dtype=object)))
+    if pixel_rows:
+        calls.append(runner.classify.async_run(np.stack([items[i] for i in pixel_rows])))
+    probabilities = np.empty((len(items), NUM_CLASSES), np.float32)
+    for rows, answer in zip([r for r in (jpeg_rows, pixel_rows) if r], await asyncio.gather(*calls), strict=True):
+        probabilities[rows] = answer
+    return probabilities
 
 
 def failed(probabilities: np.ndarray) -> np.ndarray:
@@ -76,5 +90,5 @@ class InceptionV3Runnable(bentoml.legacy.Runnable):
             return self.classify_jpegs(jpegs).numpy()
         except self.decode_error:
             if len(jpegs) == 1:
-                return np.full((1, 1000), np.nan, np.float32)
+                return np.full((1, NUM_CLASSES), np.nan, np.float32)
             return np.concatenate([self.classify_jpeg(jpegs[i : i + 1]) for i in range(len(jpegs))])

@@ -9,7 +9,6 @@ the service's runner, so they share its batches with BentoML's own APIs.
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
 import sys
@@ -27,12 +26,9 @@ from starlette.routing import Route
 from .api import decode_base64_image
 from .errors import InvalidImage, ModelNotFound
 from .labels import top_k
-from .preprocessing import prepare_image
 
 if t.TYPE_CHECKING:
     import bentoml
-
-    from .settings import Settings
 
 
 TF_SERVING_MODULES = (
@@ -73,19 +69,18 @@ SIGNATURE_NAME = "serving_default"
 INPUT_NAME = "image"
 OUTPUT_NAME = "output_0"
 IMAGE_SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM", b"RIFF")
+# The service's own path from image files to probabilities, shared with its APIs.
+ClassifyFiles = t.Callable[[list[bytes]], t.Awaitable["np.ndarray"]]
 
 
 class ServedModel:
     """The model as TF Serving clients see it: a name, one integer version, one signature."""
 
-    def __init__(
-        self, name: str, version: int, runner: bentoml.legacy.Runner, class_names: list[str], settings: Settings
-    ) -> None:
+    def __init__(self, name: str, version: int, classify_files: ClassifyFiles, class_names: list[str]) -> None:
         self.name = name
         self.version = version
-        self.runner = runner
+        self.classify_files = classify_files
         self.class_names = class_names
-        self.settings = settings
 
     def check(self, name: str, version: int | None = None, signature: str = "") -> None:
         if name != self.name:
@@ -98,12 +93,7 @@ class ServedModel:
     async def predict_labels(self, images: list[bytes]) -> list[str]:
         if not images:
             raise BadInput(f"input '{INPUT_NAME}' is empty: send at least one image")
-        if len(images) > self.settings.max_images_per_request:
-            raise BadInput(f"{len(images)} images in one request; the limit is {self.settings.max_images_per_request}")
-        pixels = await asyncio.gather(
-            *(asyncio.to_thread(prepare_image, data, self.settings.max_image_pixels) for data in images)
-        )
-        probabilities = await self.runner.classify.async_run(np.stack(pixels))
+        probabilities = await self.classify_files(images)
         return [top_k(row, self.class_names, 1)[0][0] for row in probabilities]
 
     def signature_def_map(self) -> t.Any:
@@ -298,13 +288,9 @@ def grpc_servicers(model: ServedModel) -> list[tuple[type, t.Callable[..., None]
 
 
 def install(
-    svc: bentoml.legacy.Service,
-    runner: bentoml.legacy.Runner,
-    bento_model: bentoml.Model,
-    class_names: list[str],
-    settings: Settings,
+    svc: bentoml.legacy.Service, classify_files: ClassifyFiles, bento_model: bentoml.Model, class_names: list[str]
 ) -> None:
-    model = ServedModel(svc.name, bento_model.info.metadata["serving_version"], runner, class_names, settings)
+    model = ServedModel(svc.name, bento_model.info.metadata["serving_version"], classify_files, class_names)
     svc.mount_asgi_app(rest_app(model), path="/v1")
     for servicer, add_to_server, names in grpc_servicers(model):
         svc.mount_grpc_servicer(servicer, add_to_server, names)
