@@ -44,7 +44,10 @@ def config_file() -> Path:
 
 @functools.cache
 def load_settings() -> Settings:
-    path = config_file()
+    return read_settings(config_file())
+
+
+def read_settings(path: Path) -> Settings:
     config = yaml.safe_load(path.read_text())
     api_server = config["api_server"]
     own = config["services"][SERVICE_NAME]

@@ -32,17 +32,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_test_config() -> None:
-    """The project's configuration, with every port moved to a free one."""
+def write_config_with_free_ports(path: Path) -> Path:
+    """The project's configuration, with every port moved to a free one.
+
+    Each server started from one file binds its ports (the gRPC metrics port too),
+    so servers that run at the same time each need a file of their own.
+    """
     config = yaml.safe_load((ROOT / "configuration.yaml").read_text())
     config["api_server"]["http"]["port"] = free_port()
     config["api_server"]["grpc"]["port"] = free_port()
     config["api_server"]["grpc"]["metrics"]["port"] = free_port()
     config["services"]["inception_v3"]["runner_port"] = free_port()
-    TEST_CONFIG.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
-write_test_config()
+write_config_with_free_ports(TEST_CONFIG)
 os.environ["BENTOML_HOME"] = str(WORK_DIR / "bentoml")
 os.environ["BENTOML_CONFIG"] = str(TEST_CONFIG)
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
