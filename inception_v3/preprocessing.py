@@ -1,9 +1,10 @@
 """Image bytes to model input: decode, validate, orient, convert, resize.
 
-One home for this path: the service, the TensorFlow Serving doors, the client,
-the tests and the benchmark all call ``prepare_image``. The output is uint8
-pixels; scaling to [-1, 1] happens inside the model graph, so a quarter of the
-bytes cross the process boundary to the runner.
+One home for this path: the service's APIs and TensorFlow Serving doors call
+``model_input``, the client checks files with ``open_image``, the tests and the
+benchmark use all three. ``model_input`` passes a plain JPEG on as the file (the
+runner decodes it in its graph) and gives ``prepare_image``'s uint8 pixels for
+anything else; scaling to [-1, 1] happens inside the model graph either way.
 """
 
 from __future__ import annotations
