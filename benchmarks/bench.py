@@ -42,7 +42,7 @@ from typing import Any
 import psutil
 import yaml
 
-from inception_v3.settings import PROJECT_ROOT, SERVICE_NAME
+from inception_v3.settings import PROJECT_ROOT, SERVICE_NAME, write_config_on_free_ports
 
 RESULTS_DIR = PROJECT_ROOT / "benchmarks" / "results"
 DOCS_DIR = PROJECT_ROOT / "docs"
@@ -279,31 +279,6 @@ def run_load(t0: float, points: list[LoadPoint], ready_timeout_s: float) -> dict
 # --- orchestration --------------------------------------------------------------------
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def write_config(path: Path, overrides: list[str]) -> None:
-    """The project's configuration on free ports, with ``key.path=yaml-value`` overrides."""
-    config = yaml.safe_load((PROJECT_ROOT / "configuration.yaml").read_text())
-    config["api_server"]["http"]["port"] = free_port()
-    config["api_server"]["grpc"]["port"] = free_port()
-    config["api_server"]["grpc"]["metrics"]["port"] = free_port()
-    config["services"][SERVICE_NAME]["runner_port"] = free_port()
-    for override in overrides:
-        key, _, value = override.partition("=")
-        *parents, leaf = key.split(".")
-        node = config
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = yaml.safe_load(value)
-    path.write_text(yaml.safe_dump(config))
-
-
 def memory_of_tree(pid: int) -> dict[str, dict[str, int]]:
     """PSS and USS in bytes of a process and all its descendants, keyed 'pid name'.
 
@@ -518,7 +493,9 @@ def main_run(args: argparse.Namespace) -> int:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="inception-v3-bench-"))
     config = work / "configuration.yaml"
-    write_config(config, args.set)
+    write_config_on_free_ports(
+        config, {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.set)}
+    )
     env = {
         **os.environ,
         "BENTOML_HOME": str(work / "bentoml"),

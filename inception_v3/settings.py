@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
+import typing as t
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,3 +70,33 @@ def read_settings(path: Path) -> Settings:
         retry_after_s=own["retry_after_s"],
         config_file=path,
     )
+
+
+def write_config_on_free_ports(path: Path, overrides: dict[str, t.Any] | None = None) -> Path:
+    """A copy of the configuration with every port moved to a free one, for tests and the benchmark.
+
+    Servers started from one file bind the same ports (the gRPC metrics port too), so
+    servers that run at the same time each need a file of their own. ``overrides``
+    maps dotted keys (``"api_server.http.host"``) to values.
+    """
+    config = yaml.safe_load(DEFAULT_CONFIG_FILE.read_text())
+    ports = {
+        "api_server.http.port": free_port(),
+        "api_server.grpc.port": free_port(),
+        "api_server.grpc.metrics.port": free_port(),
+        f"services.{SERVICE_NAME}.runner_port": free_port(),
+    }
+    for key, value in {**ports, **(overrides or {})}.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -18,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+
+from inception_v3.settings import write_config_on_free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 CAT_JPEG = ROOT / "cat.jpg"
@@ -26,28 +26,7 @@ WORK_DIR = Path(tempfile.mkdtemp(prefix="inception-v3-tests-"))
 TEST_CONFIG = WORK_DIR / "configuration.yaml"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def write_config_with_free_ports(path: Path) -> Path:
-    """The project's configuration, with every port moved to a free one.
-
-    Each server started from one file binds its ports (the gRPC metrics port too),
-    so servers that run at the same time each need a file of their own.
-    """
-    config = yaml.safe_load((ROOT / "configuration.yaml").read_text())
-    config["api_server"]["http"]["port"] = free_port()
-    config["api_server"]["grpc"]["port"] = free_port()
-    config["api_server"]["grpc"]["metrics"]["port"] = free_port()
-    config["services"]["inception_v3"]["runner_port"] = free_port()
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-write_config_with_free_ports(TEST_CONFIG)
+write_config_on_free_ports(TEST_CONFIG)
 os.environ["BENTOML_HOME"] = str(WORK_DIR / "bentoml")
 os.environ["BENTOML_CONFIG"] = str(TEST_CONFIG)
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"

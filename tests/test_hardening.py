@@ -35,8 +35,8 @@ from google.protobuf.json_format import MessageToDict
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from inception_v3.settings import load_settings
-from tests.conftest import CAT_JPEG, ROOT, TEST_CONFIG, free_port, split_address
+from inception_v3.settings import load_settings, write_config_on_free_ports
+from tests.conftest import CAT_JPEG, ROOT, split_address
 from tests.images import encode, picture, png_bomb, png_header_only, unsupported_samples, valid_samples
 
 pytestmark = pytest.mark.servers
@@ -482,18 +482,20 @@ def launched(saved_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     home = tmp_path_factory.mktemp("launcher-home")
     (home / "models").symlink_to(Path(os.environ["BENTOML_HOME"]) / "models")
     collector = SpanCollector()
-    config = yaml.safe_load(TEST_CONFIG.read_text())
-    config["api_server"]["http"].update(host="127.0.0.1", port=free_port())
-    config["api_server"]["grpc"].update(host="127.0.0.1", port=free_port())
-    config["api_server"]["grpc"]["metrics"].update(host="127.0.0.1", port=free_port())
-    config["services"]["inception_v3"]["runner_port"] = free_port()
-    config["tracing"] = {
-        "exporter_type": "otlp",
-        "sample_rate": 1.0,
-        "otlp": {"protocol": "http", "endpoint": collector.endpoint},
-    }
-    config_file = home / "configuration.yaml"
-    config_file.write_text(yaml.safe_dump(config))
+    config_file = write_config_on_free_ports(
+        home / "configuration.yaml",
+        {
+            "api_server.http.host": "127.0.0.1",
+            "api_server.grpc.host": "127.0.0.1",
+            "api_server.grpc.metrics.host": "127.0.0.1",
+            "tracing": {
+                "exporter_type": "otlp",
+                "sample_rate": 1.0,
+                "otlp": {"protocol": "http", "endpoint": collector.endpoint},
+            },
+        },
+    )
+    config = yaml.safe_load(config_file.read_text())
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_CONFIG": str(config_file), "PYTHONUNBUFFERED": "1"}
     log = home / "launcher.log"
     with log.open("wb") as output:

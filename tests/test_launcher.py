@@ -14,15 +14,15 @@ import pytest
 
 from client import request_inception_v3 as client
 from inception_v3.launcher import wait_ready
-from inception_v3.settings import read_settings
-from tests.conftest import ROOT, write_config_with_free_ports
+from inception_v3.settings import read_settings, write_config_on_free_ports
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.servers
 
 
 @pytest.fixture(scope="module")
 def launcher(saved_model: str, tmp_path_factory: pytest.TempPathFactory):
-    config = write_config_with_free_ports(tmp_path_factory.mktemp("launcher") / "configuration.yaml")
+    config = write_config_on_free_ports(tmp_path_factory.mktemp("launcher") / "configuration.yaml")
     env = {**os.environ, "BENTOML_CONFIG": str(config)}
     process = subprocess.Popen([sys.executable, "-m", "inception_v3.launcher"], cwd=ROOT, env=env)
     settings = read_settings(config)
