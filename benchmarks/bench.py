@@ -42,6 +42,8 @@ from typing import Any
 import psutil
 import yaml
 
+from inception_v3.preprocessing import model_input
+from inception_v3.runner import InceptionV3Runnable
 from inception_v3.settings import PROJECT_ROOT, SERVICE_NAME, write_config_on_free_ports
 
 RESULTS_DIR = PROJECT_ROOT / "benchmarks" / "results"
@@ -92,8 +94,6 @@ def run_in_process(duration_s: float) -> dict[str, Any]:
 
     import save_model
     from inception_v3.model import build_keras_model
-    from inception_v3.preprocessing import model_input
-    from inception_v3.runner import InceptionV3Runnable, as_batch
 
     log("saving a random-weights model into the benchmark's own model store")
     assert save_model.main(["--random-weights", "--seed", "7"]) == 0
@@ -124,8 +124,7 @@ def run_in_process(duration_s: float) -> dict[str, Any]:
     runnable = InceptionV3Runnable(bentoml.models.get(f"{SERVICE_NAME}:latest"))
 
     def pipeline(batch_size: int) -> np.ndarray:
-        method, batch = as_batch([model_input(image) for _ in range(batch_size)])
-        return getattr(runnable, method)(batch)
+        return runnable.classify_in_process([model_input(image) for _ in range(batch_size)])
 
     pipeline_results: dict[str, Any] = {}
     for batch_size in (1, 8):

@@ -22,23 +22,34 @@ from .preprocessing import INPUT_SIZE, ModelInput
 logger = logging.getLogger(__name__)
 
 
-async def classify_inputs(runner: bentoml.legacy.Runner, items: list[ModelInput]) -> np.ndarray:
-    """(n, 1000) probabilities for model inputs of either kind, in their order.
+MethodBatch = tuple[str, list[int], np.ndarray]
+"""A runner method's name, the rows of the request it answers, and its batch."""
 
-    JPEG files and pixels go to their own runner method (each its own batch queue),
-    concurrently when a request holds both.
-    """
+
+def batches_by_method(items: list[ModelInput]) -> list[MethodBatch]:
+    """Model inputs grouped by the runner method that takes them (each method is its own batch queue)."""
     jpeg_rows = [i for i, item in enumerate(items) if isinstance(item, bytes)]
     pixel_rows = [i for i, item in enumerate(items) if not isinstance(item, bytes)]
-    calls = []
+    batches: list[MethodBatch] = []
     if jpeg_rows:
-        calls.append(runner.classify_jpeg.async_run(np.array([items[i] for i in jpeg_rows], dtype=object)))
+        batches.append(("classify_jpeg", jpeg_rows, np.array([items[i] for i in jpeg_rows], dtype=object)))
     if pixel_rows:
-        calls.append(runner.classify.async_run(np.stack([items[i] for i in pixel_rows])))
-    probabilities = np.empty((len(items), NUM_CLASSES), np.float32)
-    for rows, answer in zip([r for r in (jpeg_rows, pixel_rows) if r], await asyncio.gather(*calls), strict=True):
+        batches.append(("classify", pixel_rows, np.stack([items[i] for i in pixel_rows])))
+    return batches
+
+
+def in_request_order(batches: list[MethodBatch], answers: list[np.ndarray]) -> np.ndarray:
+    probabilities = np.empty((sum(len(rows) for _, rows, _ in batches), NUM_CLASSES), np.float32)
+    for (_, rows, _), answer in zip(batches, answers, strict=True):
         probabilities[rows] = answer
     return probabilities
+
+
+async def classify_inputs(runner: bentoml.legacy.Runner, items: list[ModelInput]) -> np.ndarray:
+    """(n, 1000) probabilities for model inputs of either kind, in their order; both methods run concurrently."""
+    batches = batches_by_method(items)
+    answers = await asyncio.gather(*(getattr(runner, method).async_run(batch) for method, _, batch in batches))
+    return in_request_order(batches, list(answers))
 
 
 def failed(probabilities: np.ndarray) -> np.ndarray:
@@ -73,6 +84,11 @@ class InceptionV3Runnable(bentoml.legacy.Runnable):
             loaded - started,
             time.perf_counter() - loaded,
         )
+
+    def classify_in_process(self, items: list[ModelInput]) -> np.ndarray:
+        """``classify_inputs`` without a server: the in-process reference for tests and the benchmark."""
+        batches = batches_by_method(items)
+        return in_request_order(batches, [getattr(self, method)(batch) for method, _, batch in batches])
 
     @bentoml.legacy.Runnable.method(batchable=True, batch_dim=0)
     def classify(self, pixels: np.ndarray) -> np.ndarray:

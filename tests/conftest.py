@@ -15,7 +15,6 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from inception_v3.settings import write_config_on_free_ports
@@ -65,11 +64,7 @@ def reference_classify(saved_model: str) -> Classify:
     class_names = bento_model.custom_objects["class_names"]
 
     def classify(image: bytes, k: int = 5) -> dict:
-        item = model_input(image)
-        if isinstance(item, bytes):
-            probabilities = runnable.classify_jpeg(np.array([item], dtype=object))[0]
-        else:
-            probabilities = runnable.classify(item[np.newaxis])[0]
+        (probabilities,) = runnable.classify_in_process([model_input(image)])
         return to_prediction(probabilities, class_names, k).model_dump()
 
     return classify
