@@ -28,7 +28,6 @@ import os
 import platform
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from typing import Any
 import psutil
 import yaml
 
+from benchmarks.timing import GFLOP_PER_IMAGE, batch_figures, latency_summary, timed_calls
 from inception_v3.preprocessing import model_input
 from inception_v3.runner import InceptionV3Runnable
 from inception_v3.settings import PROJECT_ROOT, SERVICE_NAME, write_config_on_free_ports
@@ -49,7 +49,6 @@ from inception_v3.settings import PROJECT_ROOT, SERVICE_NAME, write_config_on_fr
 RESULTS_DIR = PROJECT_ROOT / "benchmarks" / "results"
 DOCS_DIR = PROJECT_ROOT / "docs"
 IMAGE_FILE = PROJECT_ROOT / "cat.jpg"
-GFLOP_PER_IMAGE = 11.5  # Inception v3 at 299x299, forward pass (about 5.7 G multiply-adds)
 BATCH_SIZES = (1, 2, 4, 8, 16)
 CONCURRENCY = (1, 4, 8, 16)
 PROTOCOLS = ("http", "grpc")
@@ -59,29 +58,6 @@ TARGETS = {"throughput_ratio_c8": 0.90, "sequential_p50_extra_ms": 8.0, "pss_gib
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def latency_summary(latencies_s: list[float]) -> dict[str, float]:
-    ms = [1000 * v for v in latencies_s]
-    return {"p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99), "mean_ms": statistics.fmean(ms)}
-
-
-def timed_calls(call: Callable[[], object], duration_s: float, warmup_calls: int = 3) -> list[float]:
-    """Warm up, then call back to back for ``duration_s`` (at least 3 calls); each call's seconds."""
-    for _ in range(warmup_calls):
-        call()
-    latencies: list[float] = []
-    deadline = time.perf_counter() + duration_s
-    while time.perf_counter() < deadline or len(latencies) < 3:
-        start = time.perf_counter()
-        call()
-        latencies.append(time.perf_counter() - start)
-    return latencies
 
 
 # --- phase 1: in-process (its own process) --------------------------------------------
@@ -112,10 +88,7 @@ def run_in_process(duration_s: float) -> dict[str, Any]:
     for batch_size in BATCH_SIZES:
         x = tf.random.uniform((batch_size, 299, 299, 3), -1.0, 1.0)
         latencies = timed_calls(lambda x=x: forward(x).numpy(), duration_s)
-        keras[str(batch_size)] = {
-            "images_per_s": batch_size * len(latencies) / sum(latencies),
-            **latency_summary(latencies),
-        }
+        keras[str(batch_size)] = batch_figures(batch_size, latencies)
         log(f"in-process Keras, batch {batch_size:2d}: {keras[str(batch_size)]['images_per_s']:.1f} img/s")
     best = max(keras, key=lambda b: keras[b]["images_per_s"])
 
@@ -129,10 +102,7 @@ def run_in_process(duration_s: float) -> dict[str, Any]:
     pipeline_results: dict[str, Any] = {}
     for batch_size in (1, 8):
         latencies = timed_calls(lambda b=batch_size: pipeline(b), duration_s)
-        pipeline_results[str(batch_size)] = {
-            "images_per_s": batch_size * len(latencies) / sum(latencies),
-            **latency_summary(latencies),
-        }
+        pipeline_results[str(batch_size)] = batch_figures(batch_size, latencies)
         log(f"in-process pipeline, batch {batch_size}: {pipeline_results[str(batch_size)]['images_per_s']:.1f} img/s")
     return {
         "matmul_peak_gflops": peak,
