@@ -18,7 +18,7 @@ import bentoml
 import numpy as np
 from bentoml.io import JSON
 
-from inception_v3 import guards, tfserving
+from inception_v3 import batching, guards, tfserving
 from inception_v3.api import (
     BatchPrediction,
     BatchRequest,
@@ -38,6 +38,7 @@ settings = load_settings()
 bento_model = bentoml.models.get(settings.model_tag)
 class_names: list[str] = bento_model.custom_objects["class_names"]
 
+batching.install(settings.batch_patience)
 runner = bentoml.legacy.Runner(
     InceptionV3Runnable,
     name=SERVICE_NAME,

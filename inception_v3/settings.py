@@ -37,6 +37,7 @@ class Settings:
     max_concurrency: int
     max_queue: int
     retry_after_s: int
+    batch_patience: float
     config_file: Path
 
 
@@ -68,6 +69,7 @@ def read_settings(path: Path) -> Settings:
         max_concurrency=own["max_concurrency"],
         max_queue=own["max_queue"],
         retry_after_s=own["retry_after_s"],
+        batch_patience=own["batch_patience"],
         config_file=path,
     )
 

@@ -1,0 +1,93 @@
+"""The runner's batch dispatcher (inception_v3/batching.py) with a stand-in model: no servers, no TensorFlow."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from inception_v3.batching import PreviousBatchDispatcher
+
+COMPUTE_S = 0.05  # the stand-in model's time per batch
+PATIENCE = 0.5  # of COMPUTE_S: 25 ms
+
+
+def dispatcher(max_latency_ms: int = 10_000) -> tuple[Callable[[int], Awaitable[object]], list[int]]:
+    """A dispatched stand-in model that doubles numbers, and the list of its batch sizes."""
+    batches: list[int] = []
+    cork = PreviousBatchDispatcher(
+        max_latency_in_ms=max_latency_ms,
+        max_batch_size=8,
+        fallback=lambda: "overloaded",
+        get_batch_size=lambda _: 1,
+    )
+    cork.patience = PATIENCE
+
+    async def model(items: tuple[int, ...]) -> list[int]:
+        batches.append(len(items))
+        await asyncio.sleep(COMPUTE_S)
+        return [2 * item for item in items]
+
+    return cork(model), batches
+
+
+async def timed(call: Awaitable[object]) -> tuple[object, float]:
+    start = time.perf_counter()
+    return await call, time.perf_counter() - start
+
+
+def test_a_lone_request_goes_at_once() -> None:
+    async def scenario() -> None:
+        classify, batches = dispatcher()
+        for number in range(3):
+            answer, seconds = await timed(classify(number))
+            assert answer == 2 * number
+            assert seconds < COMPUTE_S + 0.015
+        assert batches == [1, 1, 1]
+
+    asyncio.run(scenario())
+
+
+def test_clients_that_come_back_together_are_batched_together() -> None:
+    async def client(classify: Callable[[int], Awaitable[object]], number: int) -> list[object]:
+        answers = []
+        for _ in range(5):
+            await asyncio.sleep(0.002 * number)  # clients come back a few ms apart
+            answers.append(await classify(number))
+        return answers
+
+    async def scenario() -> None:
+        classify, batches = dispatcher()
+        answers = await asyncio.gather(*(client(classify, number) for number in range(6)))
+        assert answers == [[2 * number] * 5 for number in range(6)]
+        # The first request comes alone (no previous batch to wait for) and the five others
+        # queue behind it; from then on all six go together, until the first client, which
+        # never waits, is done. BentoML's own dispatcher gives [1, 5, 1, 6, 1, 5, ...] here.
+        assert batches == [1, 6, 6, 6, 6, 5]
+
+    asyncio.run(scenario())
+
+
+def test_the_wait_for_batch_mates_is_bounded_by_patience() -> None:
+    async def scenario() -> None:
+        classify, batches = dispatcher()
+        await asyncio.gather(*(classify(number) for number in range(4)))
+        _, seconds = await timed(classify(9))  # the three others never come back
+        assert batches == [4, 1]
+        assert COMPUTE_S + 0.8 * PATIENCE * COMPUTE_S <= seconds < COMPUTE_S + PATIENCE * COMPUTE_S + 0.02
+        _, seconds = await timed(classify(9))  # the previous batch held one: no wait
+        assert seconds < COMPUTE_S + 0.015
+
+    asyncio.run(scenario())
+
+
+def test_a_request_queued_past_max_latency_gets_the_fallback() -> None:
+    async def scenario() -> None:
+        classify, batches = dispatcher(max_latency_ms=20)
+        running = asyncio.ensure_future(classify(2))
+        await asyncio.sleep(0.005)
+        assert await classify(3) == "overloaded"  # queued behind the running batch for > 20 ms
+        assert await running == 4
+        assert batches == [1]
+
+    asyncio.run(scenario())
