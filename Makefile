@@ -3,12 +3,16 @@
 #   make test    set up and run the whole test suite
 # WEIGHTS picks the model make serve saves when the store has none:
 #   imagenet (default, Keras download) | random (offline) | /path/to/weights.h5 (offline)
+# GPU=1 (make setup GPU=1, make serve GPU=1) also installs TensorFlow's CUDA libraries
+# (requirements-gpu.txt); the runner then uses the host's NVIDIA GPU.
 
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WEIGHTS ?= imagenet
+GPU ?=
+INSTALLED := $(VENV)/.installed$(if $(GPU),-gpu)
 RUN_DIR := .run
 BENTO_TAG := inception_v3:latest
 
@@ -25,11 +29,11 @@ endif
 
 .PHONY: setup model serve stop test lint clean
 
-setup: $(VENV)/.installed
+setup: $(INSTALLED)
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
+$(INSTALLED): requirements.txt requirements-dev.txt requirements-gpu.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -c constraints.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt $(if $(GPU),-r requirements-gpu.txt) -c constraints.txt
 	touch $@
 
 model: setup

@@ -79,10 +79,11 @@ class InceptionV3Runnable(bentoml.legacy.Runnable):
         self.classify_jpegs(np.array([blank], dtype=object))
         self.model(np.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), np.uint8))
         logger.info(
-            "%s loaded in %.1f s, warmed up in %.1f s",
+            "%s loaded in %.1f s, warmed up in %.1f s, on %s",
             bento_model.tag,
             loaded - started,
             time.perf_counter() - loaded,
+            ", ".join(device.name for device in tf.config.list_logical_devices("GPU")) or "the CPU",
         )
 
     def classify_in_process(self, items: list[ModelInput]) -> np.ndarray:
