@@ -69,7 +69,6 @@ def run_in_process(duration_s: float) -> dict[str, Any]:
     import tensorflow as tf
 
     import save_model
-    from inception_v3.model import build_keras_model
 
     log("saving a random-weights model into the benchmark's own model store")
     assert save_model.main(["--random-weights", "--seed", "7"]) == 0
@@ -81,15 +80,7 @@ def run_in_process(duration_s: float) -> dict[str, Any]:
     peak = 2 * n**3 / seconds / 1e9
     log(f"matmul peak: {peak:.1f} GFLOP/s (float32, {n}x{n})")
 
-    tf.keras.utils.set_random_seed(7)
-    keras_model = build_keras_model(None)
-    forward = tf.function(lambda x: keras_model(x, training=False))
-    keras: dict[str, Any] = {}
-    for batch_size in BATCH_SIZES:
-        x = tf.random.uniform((batch_size, 299, 299, 3), -1.0, 1.0)
-        latencies = timed_calls(lambda x=x: forward(x).numpy(), duration_s)
-        keras[str(batch_size)] = batch_figures(batch_size, latencies)
-        log(f"in-process Keras, batch {batch_size:2d}: {keras[str(batch_size)]['images_per_s']:.1f} img/s")
+    keras = run_keras(BATCH_SIZES, duration_s)
     best = max(keras, key=lambda b: keras[b]["images_per_s"])
 
     # The service's own path in one process: API-side preprocessing, then the runnable.
@@ -111,6 +102,39 @@ def run_in_process(duration_s: float) -> dict[str, Any]:
         "model_gflops_at_best": GFLOP_PER_IMAGE * keras[best]["images_per_s"],
         "pipeline": pipeline_results,
         "tensorflow": tf.__version__,
+    }
+
+
+def run_keras(batch_sizes: tuple[int, ...], duration_s: float) -> dict[str, Any]:
+    """Plain Keras Inception v3 inside a ``tf.function``: the reference every ratio divides by."""
+    import tensorflow as tf
+
+    from inception_v3.model import build_keras_model
+
+    tf.keras.utils.set_random_seed(7)
+    keras_model = build_keras_model(None)
+    forward = tf.function(lambda x: keras_model(x, training=False))
+    keras: dict[str, Any] = {}
+    for batch_size in batch_sizes:
+        x = tf.random.uniform((batch_size, 299, 299, 3), -1.0, 1.0)
+        latencies = timed_calls(lambda x=x: forward(x).numpy(), duration_s)
+        keras[str(batch_size)] = batch_figures(batch_size, latencies)
+        log(f"in-process Keras, batch {batch_size:2d}: {keras[str(batch_size)]['images_per_s']:.1f} img/s")
+    return keras
+
+
+def reference(result: dict[str, Any]) -> dict[str, float]:
+    """In-process Keras at batch 8 (images/s) and batch 1 (p50 ms), before and after the servers ran, averaged.
+
+    This machine's speed drifts from minute to minute; measuring the reference on both
+    sides of the serving phase halves the drift's weight in the ratios, and the drift
+    itself is reported.
+    """
+    before, after = result["in_process"]["keras"], result["keras_after"]
+    return {
+        "batch8_images_per_s": (before["8"]["images_per_s"] + after["8"]["images_per_s"]) / 2,
+        "batch1_p50_ms": (before["1"]["p50_ms"] + after["1"]["p50_ms"]) / 2,
+        "drift_batch8": after["8"]["images_per_s"] / before["8"]["images_per_s"],
     }
 
 
@@ -327,10 +351,10 @@ def run_stack(env: dict[str, str], work: Path, points: list[LoadPoint]) -> dict[
         log_file.close()
 
 
-def ratios(inproc: dict[str, Any], stack: dict[str, Any]) -> dict[str, Any]:
+def ratios(result: dict[str, Any]) -> dict[str, Any]:
+    inproc, stack, ref = result["in_process"], result["serving"], reference(result)
     by_point = {(p["protocol"], p["concurrency"]): p for p in stack["points"]}
-    batch8 = inproc["keras"]["8"]["images_per_s"]
-    batch1_p50 = inproc["keras"]["1"]["p50_ms"]
+    batch8, batch1_p50 = ref["batch8_images_per_s"], ref["batch1_p50_ms"]
     checks: dict[str, Any] = {}
     for protocol in PROTOCOLS:
         if (protocol, 8) in by_point:
@@ -360,6 +384,11 @@ def ratios(inproc: dict[str, Any], stack: dict[str, Any]) -> dict[str, Any]:
     }
     pipeline8 = inproc["pipeline"]["8"]["images_per_s"]
     checks["pipeline_ratio_batch8"] = {"value": pipeline8 / batch8, "target": "(ceiling, reported)", "pass": None}
+    checks["keras_drift_during_run"] = {
+        "value": ref["drift_batch8"],
+        "target": "(after/before, reported)",
+        "pass": None,
+    }
     checks["model_fraction_of_matmul_peak"] = {
         "value": inproc["model_gflops_at_best"] / inproc["matmul_peak_gflops"],
         "target": "(reported)",
@@ -387,6 +416,8 @@ def table(result: dict[str, Any]) -> str:
         lines.append(row_line(f"Keras tf.function, batch {batch}", row))
     for batch, row in inproc["pipeline"].items():
         lines.append(row_line(f"pipeline, batch {batch}", row))
+    for batch, row in result["keras_after"].items():
+        lines.append(row_line(f"Keras, batch {batch}, after", row))
     lines += ["", f"{'served':<28}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"]
     for p in stack["points"]:
         lines.append(row_line(f"{p['protocol']}, concurrency {p['concurrency']}", p) + f"{p['errors']:>8}")
@@ -410,9 +441,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    inproc, stack = result["in_process"], result["serving"]
-    batch8 = inproc["keras"]["8"]["images_per_s"]
-    batch1_p50 = inproc["keras"]["1"]["p50_ms"]
+    inproc, stack, ref = result["in_process"], result["serving"], reference(result)
+    batch8, batch1_p50 = ref["batch8_images_per_s"], ref["batch1_p50_ms"]
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     for protocol, colour in zip(PROTOCOLS, ("tab:blue", "tab:orange"), strict=True):
         points = [p for p in stack["points"] if p["protocol"] == protocol]
@@ -422,14 +452,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
         left.plot(c, [p["images_per_s"] for p in points], "o-", color=colour, label=f"served {protocol}")
         right.plot(c, [p["p50_ms"] for p in points], "o-", color=colour, label=f"{protocol} p50")
         right.plot(c, [p["p99_ms"] for p in points], "s--", color=colour, alpha=0.6, label=f"{protocol} p99")
-    left.axhline(batch8, color="black", label="in-process Keras, batch 8")
+    left.axhline(batch8, color="black", label="in-process Keras, batch 8 (before/after mean)")
     left.axhline(0.9 * batch8, color="black", linestyle=":", label="target: 0.90x batch 8")
     pipeline8 = inproc["pipeline"]["8"]["images_per_s"]
     left.axhline(pipeline8, color="green", linestyle="--", label="in-process pipeline, batch 8")
     left.set(xlabel="concurrent clients", ylabel="images/s", title="Throughput (closed loop)", ylim=(0, None))
     left.set_xticks(CONCURRENCY)
     left.legend(fontsize=8, loc="lower right")
-    right.axhline(batch1_p50, color="black", label="in-process batch 1 p50")
+    right.axhline(batch1_p50, color="black", label="in-process batch 1 p50 (before/after mean)")
     right.axhline(batch1_p50 + 8, color="black", linestyle=":", label="target: +8 ms (sequential)")
     right.set(xlabel="concurrent clients", ylabel="ms", title="Latency", ylim=(0, None))
     right.set_xticks(CONCURRENCY)
@@ -478,10 +508,12 @@ def main_run(args: argparse.Namespace) -> int:
     if load_before[0] > 0.5:
         log(f"warning: load average {load_before[0]:.2f} before the run; other work will skew the numbers")
     try:
-        log("phase 1/2: in-process TensorFlow (model save, matmul, Keras, pipeline)")
+        log("phase 1/3: in-process TensorFlow (model save, matmul, Keras, pipeline)")
         inproc = child(["in-process", "--duration", str(model_duration)], env, work / "in_process.json")
-        log(f"phase 2/2: serving stack, {len(points)} load points")
+        log(f"phase 2/3: serving stack, {len(points)} load points")
         stack = run_stack(env, work, points)
+        log("phase 3/3: in-process Keras again, batch 1 and 8 (the machine's drift)")
+        keras_after = child(["keras", "--duration", str(model_duration)], env, work / "keras_after.json")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -498,8 +530,9 @@ def main_run(args: argparse.Namespace) -> int:
         "options": {"quick": args.quick, "duration_s": duration, "config_overrides": args.set},
         "in_process": inproc,
         "serving": stack,
+        "keras_after": keras_after,
     }
-    result["checks"] = ratios(inproc, stack)
+    result["checks"] = ratios(result)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     json_path, png_path = RESULTS_DIR / f"bench-{stamp}.json", RESULTS_DIR / f"bench-{stamp}.png"
     json_path.write_text(json.dumps(result, indent=2))
@@ -527,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
     in_process = sub.add_parser("in-process", help=argparse.SUPPRESS)
     in_process.add_argument("--duration", type=float, required=True)
     in_process.add_argument("--output", type=Path, required=True)
+    keras = sub.add_parser("keras", help=argparse.SUPPRESS)
+    keras.add_argument("--duration", type=float, required=True)
+    keras.add_argument("--output", type=Path, required=True)
     load = sub.add_parser("load", help=argparse.SUPPRESS)
     load.add_argument("--t0", type=float, required=True)
     load.add_argument("--points", type=json.loads, required=True)
@@ -534,6 +570,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.phase == "in-process":
         args.output.write_text(json.dumps(run_in_process(args.duration)))
+        return 0
+    if args.phase == "keras":
+        args.output.write_text(json.dumps(run_keras((1, 8), args.duration)))
         return 0
     if args.phase == "load":
         points = [LoadPoint(**p) for p in args.points]
