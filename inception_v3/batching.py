@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 class PreviousBatchDispatcher(dispatcher.CorkDispatcher):
-    patience: float = 0.05
+    patience: float = 0.15
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         super().__init__(*args, **kwargs)
