@@ -478,9 +478,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main_run(args: argparse.Namespace) -> int:
     duration = args.duration or (5.0 if args.quick else 25.0)
     model_duration = 3.0 if args.quick else 8.0
-    # Sequential points first: after a high-concurrency phase BentoML's dispatcher
-    # keeps waiting for batch-mates that never come (its learned wait feeds itself),
-    # which would charge that wait to the sequential latency.
+    # Sequential points first: after a high-concurrency phase the first lone request
+    # waits once for batch-mates (inception_v3/batching.py; with batch_patience 0,
+    # BentoML's own dispatcher keeps waiting), a wait the sequential figures should not carry.
     points = sorted(
         (
             LoadPoint(protocol, c, duration)
