@@ -17,8 +17,9 @@ go at once (the previous batch held one); clients that come back together are
 batched together again.
 
 BentoML 1.4 has no setting for the dispatcher; the runner server builds it from
-``bentoml._internal.server.runner_app.CorkDispatcher``, which ``install``
-replaces (in the runner server's process, before it builds its app).
+``bentoml._internal.server.runner_app.CorkDispatcher``, which ``install`` replaces.
+``service.py`` calls it, so it runs in every process that loads the service, and
+in the runner server before that builds its app; only the runner builds dispatchers.
 """
 
 from __future__ import annotations
