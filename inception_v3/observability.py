@@ -122,6 +122,8 @@ def configure_logging() -> None:
         add_once(handler, RequestIdFilter)
     for name in BENTOML_API_LOGGERS:
         add_once(logging.getLogger(name), ClientErrorFilter)
+    # The project's own INFO lines (the runner's "loaded ... on the CPU") reach those handlers too.
+    logging.getLogger(__package__).setLevel(logging.INFO)
 
 
 def add_once(target: logging.Filterer, filter_class: type[logging.Filter]) -> None:
