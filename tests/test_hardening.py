@@ -1,9 +1,10 @@
 """Issue 6 against real servers: bad input gets a clear 4xx and the server goes on
 serving; odd but valid images are classified as in process; overload is shed
 with 503 / UNAVAILABLE instead of queueing; memory stays flat over a soak; and a
-``python -m inception_v3.launcher`` server (HTTP + gRPC + shared runner) is warm
-when ready, names request ids in its logs, exports metrics on both doors and
-OpenTelemetry spans, and drains in-flight requests on SIGTERM, leaving no process."""
+``python -m inception_v3.launcher`` server (``make serve``: HTTP and gRPC from one
+runner process) answers as in process on both doors, is warm when ready, logs where
+the model runs and request ids, exports metrics on both doors and OpenTelemetry
+spans, and drains in-flight requests on SIGTERM, leaving no process."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import contextlib
 import dataclasses
 import http.server
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,6 +37,7 @@ from google.protobuf.json_format import MessageToDict
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from client import request_inception_v3 as client
 from inception_v3.settings import load_settings, write_config_on_free_ports
 from tests.conftest import CAT_JPEG, ROOT, split_address
 from tests.images import encode, picture, png_bomb, png_header_only, unsupported_samples, valid_samples
@@ -527,6 +530,24 @@ def launched(saved_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         collector.shutdown()
 
 
+def test_launcher_serves_both_protocols_from_one_runner(
+    launched: Launched, reference_classify: Callable[..., dict]
+) -> None:
+    expected = reference_classify(CAT)["label"]
+    assert client.classify_rest(CAT, *split_address(launched.http), 30, None)["label"] == expected
+    assert client.classify_grpc(CAT, *split_address(launched.grpc), 30, None)["label"] == expected
+    workers = [" ".join(p.cmdline()) for p in psutil.Process(launched.process.pid).children(recursive=True)]
+    assert sum("bentoml_cli.worker.runner" in w for w in workers) == 1, workers
+    assert sum("bentoml_cli.worker.http_api_server" in w for w in workers) == 1, workers
+    assert sum("bentoml_cli.worker.grpc_api_server" in w for w in workers) == 1, workers
+
+
+def test_launcher_logs_where_the_model_runs(launched: Launched) -> None:
+    line = launched.wait_for_log(" loaded in ")
+    pattern = r"inception_v3:\w+ loaded in [0-9.]+ s, warmed up in [0-9.]+ s, on (the CPU|/device:GPU:[0-9])"
+    assert re.search(pattern, line), line
+
+
 def test_launcher_is_warm_when_ready(launched: Launched) -> None:
     """The first requests after ready answer within a TF Serving client's default 5 s deadline."""
     response = httpx.post(
@@ -641,5 +662,6 @@ def test_launcher_sigterm_drains_in_flight_requests_and_leaves_no_process(launch
     assert exit_code == 0
     _, alive = psutil.wait_procs(tree, timeout=10)
     assert alive == []
+    assert time.monotonic() - stopped < 60
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://{launched.http}/readyz", timeout=5)
