@@ -41,8 +41,7 @@ class PreviousBatchDispatcher(dispatcher.CorkDispatcher):
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         super().__init__(*args, **kwargs)
         self.expected_jobs = 1
-        self.previous_seconds = 0.0
-        self.free_since = 0.0
+        self.wait_until = 0.0  # the end of the wait for the previous batch's requests
 
     def queued_samples(self) -> int:
         return sum(self.get_batch_size(job.data) for job in self._queue)
@@ -58,7 +57,7 @@ class PreviousBatchDispatcher(dispatcher.CorkDispatcher):
                     continue
                 if self._sema.is_locked() or (
                     len(self._queue) < self.expected_jobs
-                    and now - self.free_since < self.patience * self.previous_seconds
+                    and now < self.wait_until
                     and self.queued_samples() < self.max_batch_size
                 ):
                     await asyncio.sleep(self.TICKET_INTERVAL)
@@ -71,8 +70,8 @@ class PreviousBatchDispatcher(dispatcher.CorkDispatcher):
     async def outbound_call(self, inputs_info: tuple[dispatcher.Job, ...], training: bool = False) -> None:
         started = time.time()
         await super().outbound_call(inputs_info, training)
-        self.free_since = time.time()
-        self.previous_seconds = self.free_since - started
+        ended = time.time()
+        self.wait_until = ended + self.patience * (ended - started)
         self.expected_jobs = len(inputs_info) + len(self._queue)
 
 
