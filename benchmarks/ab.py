@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -25,14 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from benchmarks.bench import PROTOCOLS, LoadPoint, log, run_stack
+from benchmarks.bench import PROTOCOLS, LoadPoint, config_overrides, log, run_stack, stack_environment
 from inception_v3.settings import PROJECT_ROOT, write_config_on_free_ports
-
-
-def overrides(variant: str) -> dict[str, Any]:
-    return {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in variant.split())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,18 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.variant) < 2:
         parser.error("give at least two --variant")
     work = Path(tempfile.mkdtemp(prefix="inception-v3-ab-"))
-    base_env = {
-        **os.environ,
-        "BENTOML_HOME": str(work / "bentoml"),
-        "BENTOML_DO_NOT_TRACK": "true",
-        "PYTHONPATH": str(PROJECT_ROOT),
-    }
+    config = work / "configuration.yaml"  # rewritten for every run
+    env = stack_environment(work, config)
     point = LoadPoint(args.protocol, args.concurrency, args.duration)
     results: dict[str, list[dict[str, Any]]] = {variant: [] for variant in args.variant}
     try:
+        write_config_on_free_ports(config)  # BentoML reads BENTOML_CONFIG when save_model imports it
         subprocess.run(
             [sys.executable, "save_model.py", "--random-weights", "--seed", "7"],
-            env=base_env,
+            env=env,
             cwd=PROJECT_ROOT,
             stdout=subprocess.DEVNULL,
             check=True,
@@ -66,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             order = args.variant if round_number % 2 == 0 else args.variant[::-1]
             for variant in order:
                 log(f"round {round_number + 1}/{args.rounds}: {variant or '(as configured)'}")
-                config = write_config_on_free_ports(work / "configuration.yaml", overrides(variant))
-                (figures,) = run_stack({**base_env, "BENTOML_CONFIG": str(config)}, work, [point])["points"]
+                write_config_on_free_ports(config, config_overrides(variant.split()))
+                (figures,) = run_stack(env, work, [point])["points"]
                 results[variant].append(figures)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -322,6 +322,22 @@ def machine() -> dict[str, Any]:
     }
 
 
+def config_overrides(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (values in YAML) to ``write_config_on_free_ports`` overrides."""
+    return {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in items)}
+
+
+def stack_environment(work: Path, config: Path) -> dict[str, str]:
+    """A model store and configuration of the benchmark's own, for every process it starts."""
+    return {
+        **os.environ,
+        "BENTOML_HOME": str(work / "bentoml"),
+        "BENTOML_CONFIG": str(config),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "PYTHONPATH": str(PROJECT_ROOT),
+    }
+
+
 def run_stack(env: dict[str, str], work: Path, points: list[LoadPoint]) -> dict[str, Any]:
     t0 = time.time()
     log_file = (work / "serve.log").open("wb")
@@ -491,17 +507,7 @@ def main_run(args: argparse.Namespace) -> int:
     )
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="inception-v3-bench-"))
-    config = work / "configuration.yaml"
-    write_config_on_free_ports(
-        config, {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.set)}
-    )
-    env = {
-        **os.environ,
-        "BENTOML_HOME": str(work / "bentoml"),
-        "BENTOML_CONFIG": str(config),
-        "BENTOML_DO_NOT_TRACK": "true",
-        "PYTHONPATH": str(PROJECT_ROOT),
-    }
+    env = stack_environment(work, write_config_on_free_ports(work / "configuration.yaml", config_overrides(args.set)))
     started = time.monotonic()
     load_before = os.getloadavg()
     busy_before = busy_cpu_s()
