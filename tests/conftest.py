@@ -26,7 +26,8 @@ TEST_CONFIG = WORK_DIR / "configuration.yaml"
 
 
 write_config_on_free_ports(TEST_CONFIG)
-os.environ["BENTOML_HOME"] = str(WORK_DIR / "bentoml")
+SHARED_BENTOML_HOME = WORK_DIR / "bentoml"
+os.environ["BENTOML_HOME"] = str(SHARED_BENTOML_HOME)
 os.environ["BENTOML_CONFIG"] = str(TEST_CONFIG)
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 sys.path.insert(0, str(ROOT))
@@ -76,25 +77,29 @@ def servers_context() -> Iterator[contextlib.ExitStack]:
         yield stack
 
 
-@contextlib.contextmanager
-def own_bentoml_home(name: str) -> Iterator[None]:
-    """Start a server with a BENTOML_HOME of its own that links to the shared stores.
+def linked_bentoml_home(name: str) -> Path:
+    """A BENTOML_HOME of its own for a server, linked to the shared model and Bento stores.
 
     BentoML keeps Prometheus' multiprocess files in $BENTOML_HOME/prometheus_multiproc_dir
     and empties that folder whenever a server starts, so a second server would erase
     the metrics of the first.
     """
-    shared = os.environ["BENTOML_HOME"]
     home = WORK_DIR / name
     home.mkdir(exist_ok=True)
     for store in ("models", "bentos"):
         if not (home / store).exists():
-            (home / store).symlink_to(Path(shared) / store)
-    os.environ["BENTOML_HOME"] = str(home)
+            (home / store).symlink_to(SHARED_BENTOML_HOME / store)
+    return home
+
+
+@contextlib.contextmanager
+def own_bentoml_home(name: str) -> Iterator[None]:
+    """``BENTOML_HOME`` is ``linked_bentoml_home(name)`` while a server starts."""
+    os.environ["BENTOML_HOME"] = str(linked_bentoml_home(name))
     try:
         yield
     finally:
-        os.environ["BENTOML_HOME"] = shared
+        os.environ["BENTOML_HOME"] = str(SHARED_BENTOML_HOME)
 
 
 def hosted_bento(stack: contextlib.ExitStack, use_grpc: bool) -> str:

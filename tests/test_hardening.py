@@ -39,7 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from client import request_inception_v3 as client
 from inception_v3.settings import load_settings, write_config_on_free_ports
-from tests.conftest import CAT_JPEG, ROOT, split_address
+from tests.conftest import CAT_JPEG, ROOT, linked_bentoml_home, split_address
 from tests.images import encode, picture, png_bomb, png_header_only, unsupported_samples, valid_samples
 
 pytestmark = pytest.mark.servers
@@ -477,13 +477,12 @@ class Launched:
 
 
 @pytest.fixture(scope="module")
-def launched(saved_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
+def launched(saved_model: str) -> Iterator[Launched]:
     """The launcher on free ports, in a BentoML home of its own (its metrics directory is
     wiped at start), sharing the test model store, with spans sent to a local collector."""
     from inception_v3.launcher import wait_ready
 
-    home = tmp_path_factory.mktemp("launcher-home")
-    (home / "models").symlink_to(Path(os.environ["BENTOML_HOME"]) / "models")
+    home = linked_bentoml_home("launcher")
     collector = SpanCollector()
     config_file = write_config_on_free_ports(
         home / "configuration.yaml",
