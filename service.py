@@ -6,7 +6,8 @@
 The API workers read each image's header: plain JPEG files go to the runner as
 they are and are decoded inside its TensorFlow graph; other images are decoded
 and resized by the API workers. The runner batches concurrent requests for the
-model (BentoML adaptive batching). gRPC serving exists only for BentoML's
+model (BentoML adaptive batching; ``inception_v3/batching.py`` decides when a
+batch leaves). gRPC serving exists only for BentoML's
 legacy Service API, hence ``bentoml.legacy``.
 """
 
