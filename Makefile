@@ -113,7 +113,7 @@ audit: setup
 # --- benchmark ----------------------------------------------------------------
 .PHONY: bench bench-quick
 
-# Served HTTP and gRPC vs in-process TensorFlow on this machine (about 6 minutes):
+# Served HTTP and gRPC vs in-process TensorFlow on this machine (about 10 minutes on 2 cores):
 # a table, JSON and a PNG plot in benchmarks/results/. BENCH_ARGS="--publish"
 # also copies them to docs/ for docs/performance.md.
 bench: setup
