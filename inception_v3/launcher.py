@@ -56,6 +56,9 @@ def server_commands(bento: str, working_dir: Path, settings: Settings) -> dict[s
             settings.http_host,
             "--port",
             str(settings.http_port),
+            # start-grpc-server reads api_server.workers itself; start-http-server starts 1 without this.
+            "--api-workers",
+            str(settings.api_workers),
         ],
         "grpc": [*start, "start-grpc-server", *common, "--remote-runner", runner, "--port", str(settings.grpc_port)],
     }

@@ -27,6 +27,7 @@ class Settings:
     http_host: str
     http_port: int
     grpc_port: int
+    api_workers: int
     grpc_metrics_port: int
     runner_port: int
     default_top_k: int
@@ -59,6 +60,7 @@ def read_settings(path: Path) -> Settings:
         http_host=api_server["http"]["host"],
         http_port=api_server["http"]["port"],
         grpc_port=api_server["grpc"]["port"],
+        api_workers=api_server["workers"],
         grpc_metrics_port=api_server["grpc"]["metrics"]["port"],
         runner_port=own["runner_port"],
         default_top_k=own["default_top_k"],

@@ -479,7 +479,8 @@ class Launched:
 @pytest.fixture(scope="module")
 def launched(saved_model: str) -> Iterator[Launched]:
     """The launcher on free ports, in a BentoML home of its own (its metrics directory is
-    wiped at start), sharing the test model store, with spans sent to a local collector."""
+    wiped at start), sharing the test model store, with spans sent to a local collector
+    and two API workers per server (the configuration's count must reach both servers)."""
     from inception_v3.launcher import wait_ready
 
     home = linked_bentoml_home("launcher")
@@ -490,6 +491,7 @@ def launched(saved_model: str) -> Iterator[Launched]:
             "api_server.http.host": "127.0.0.1",
             "api_server.grpc.host": "127.0.0.1",
             "api_server.grpc.metrics.host": "127.0.0.1",
+            "api_server.workers": 2,
             "tracing": {
                 "exporter_type": "otlp",
                 "sample_rate": 1.0,
@@ -537,8 +539,8 @@ def test_launcher_serves_both_protocols_from_one_runner(
     assert client.classify_grpc(CAT, *split_address(launched.grpc), 30, None)["label"] == expected
     workers = [" ".join(p.cmdline()) for p in psutil.Process(launched.process.pid).children(recursive=True)]
     assert sum("bentoml_cli.worker.runner" in w for w in workers) == 1, workers
-    assert sum("bentoml_cli.worker.http_api_server" in w for w in workers) == 1, workers
-    assert sum("bentoml_cli.worker.grpc_api_server" in w for w in workers) == 1, workers
+    assert sum("bentoml_cli.worker.http_api_server" in w for w in workers) == 2, workers
+    assert sum("bentoml_cli.worker.grpc_api_server" in w for w in workers) == 2, workers
 
 
 def test_launcher_logs_where_the_model_runs(launched: Launched) -> None:
