@@ -245,12 +245,12 @@ def run_load(t0: float, points: list[LoadPoint], ready_timeout_s: float) -> dict
     return {"cold_start_s": cold_start, "first_request_ms": first, "points": results}
 
 
+# --- phase 3: the targets, interleaved (its own process, while the servers idle or run) --
+
+
 def rotated(names: tuple[str, ...], by: int) -> tuple[str, ...]:
     by %= len(names)
     return names[by:] + names[:by]
-
-
-# --- phase 3: the targets, interleaved (its own process, while the servers idle or run) --
 
 
 def run_paired(rounds: int, duration_s: float, sequential_requests: int) -> dict[str, Any]:
