@@ -46,7 +46,7 @@ import psutil
 import yaml
 
 from benchmarks.timing import GFLOP_PER_IMAGE, batch_figures, latency_summary, timed_calls
-from inception_v3.preprocessing import model_input
+from inception_v3.preprocessing import INPUT_SIZE, model_input
 from inception_v3.runner import InceptionV3Runnable
 from inception_v3.settings import PROJECT_ROOT, SERVICE_NAME, write_config_on_free_ports
 
@@ -83,11 +83,10 @@ def run_in_process(duration_s: float) -> dict[str, Any]:
     peak = 2 * n**3 / seconds / 1e9
     log(f"matmul peak: {peak:.1f} GFLOP/s (float32, {n}x{n})")
 
-    forward = keras_forward()
+    keras_call = keras_calls()
     keras: dict[str, Any] = {}
     for batch_size in BATCH_SIZES:
-        x = tf.random.uniform((batch_size, 299, 299, 3), -1.0, 1.0)
-        latencies = timed_calls(lambda x=x: forward(x).numpy(), duration_s)
+        latencies = timed_calls(keras_call(batch_size), duration_s)
         keras[str(batch_size)] = batch_figures(batch_size, latencies)
         log(f"in-process Keras, batch {batch_size:2d}: {keras[str(batch_size)]['images_per_s']:.1f} img/s")
     best = max(keras, key=lambda b: keras[b]["images_per_s"])
@@ -100,15 +99,22 @@ def run_in_process(duration_s: float) -> dict[str, Any]:
     }
 
 
-def keras_forward() -> Callable[[Any], Any]:
-    """Plain Keras Inception v3 inside a ``tf.function``: the reference every ratio divides by."""
+def keras_calls() -> Callable[[int], Callable[[], object]]:
+    """Plain Keras Inception v3 inside a ``tf.function``, the reference every ratio divides by:
+    ``keras_calls()(batch_size)`` is one call of it on a batch of that many random images."""
     import tensorflow as tf
 
     from inception_v3.model import build_keras_model
 
     tf.keras.utils.set_random_seed(7)
     keras_model = build_keras_model(None)
-    return tf.function(lambda x: keras_model(x, training=False))
+    forward = tf.function(lambda x: keras_model(x, training=False))
+
+    def call(batch_size: int) -> Callable[[], object]:
+        x = tf.random.uniform((batch_size, INPUT_SIZE, INPUT_SIZE, 3), -1.0, 1.0)
+        return lambda: forward(x).numpy()
+
+    return call
 
 
 # --- phase 2: load generator (its own process, while the servers run) ----------------
@@ -266,20 +272,18 @@ def run_paired(rounds: int, duration_s: float, sequential_requests: int) -> dict
     in-process contender runs, the idle serving stack uses about 0.01 cores.
     """
     import bentoml
-    import tensorflow as tf
 
     from inception_v3.settings import load_settings
 
     settings = load_settings()
     image = IMAGE_FILE.read_bytes()
-    forward = keras_forward()
+    keras_call = keras_calls()
     runnable = InceptionV3Runnable(bentoml.models.get(f"{SERVICE_NAME}:latest"))
     callers = {"http": http_caller(settings.http_port, image), "grpc": grpc_caller(settings.grpc_port, image)}
 
     def in_process(batch_size: int) -> dict[str, Callable[[], object]]:
-        x = tf.random.uniform((batch_size, 299, 299, 3), -1.0, 1.0)
         return {
-            "keras": lambda: forward(x).numpy(),
+            "keras": keras_call(batch_size),
             "pipeline": lambda: runnable.classify_in_process([model_input(image) for _ in range(batch_size)]),
         }
 
