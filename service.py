@@ -31,8 +31,8 @@ from inception_v3.api import (
     to_prediction,
 )
 from inception_v3.errors import InvalidImage
-from inception_v3.preprocessing import ModelInput, model_input
-from inception_v3.runner import InceptionV3Runnable, classify_inputs, failed
+from inception_v3.preprocessing import ModelInput, read_model_input
+from inception_v3.runner import InceptionV3Runnable, classify_inputs, connect_without_environment, failed
 from inception_v3.settings import SERVICE_NAME, load_settings
 
 settings = load_settings()
@@ -40,6 +40,7 @@ bento_model = bentoml.models.get(settings.model_tag)
 class_names: list[str] = bento_model.custom_objects["class_names"]
 
 batching.install(settings.batch_patience)
+connect_without_environment()
 runner = bentoml.legacy.Runner(
     InceptionV3Runnable,
     name=SERVICE_NAME,
@@ -60,9 +61,7 @@ async def classify(items: list[ModelInput]) -> np.ndarray:
 
 
 async def classify_files(files: list[bytes]) -> np.ndarray:
-    return await classify(
-        await asyncio.gather(*(asyncio.to_thread(model_input, data, settings.max_image_pixels) for data in files))
-    )
+    return await classify(await asyncio.gather(*(read_model_input(data, settings.max_image_pixels) for data in files)))
 
 
 def predictions(probabilities: np.ndarray, k: int | None) -> list[Prediction]:

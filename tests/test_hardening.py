@@ -423,6 +423,9 @@ def test_soak_memory_stays_flat(http_address: str) -> None:
 # --- one launcher server: readiness, logs, metrics, tracing, shutdown -----------------
 
 
+DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: nothing listens there
+
+
 class SpanCollector(http.server.ThreadingHTTPServer):
     """An OpenTelemetry collector's OTLP/HTTP trace endpoint, keeping (trace id, span name) pairs."""
 
@@ -450,7 +453,7 @@ class SpanCollector(http.server.ThreadingHTTPServer):
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1/traces"
+        return f"http://localhost:{self.server_address[1]}/v1/traces"  # localhost: exempt from the launcher's proxy
 
 
 @dataclasses.dataclass
@@ -480,7 +483,9 @@ class Launched:
 def launched(saved_model: str) -> Iterator[Launched]:
     """The launcher on free ports, in a BentoML home of its own (its metrics directory is
     wiped at start), sharing the test model store, with spans sent to a local collector
-    and two API workers per server (the configuration's count must reach both servers)."""
+    and two API workers per server (the configuration's count must reach both servers).
+    Its environment names an HTTP proxy that does not answer, with only ``localhost``
+    exempt, as containers behind a corporate proxy often have."""
     from inception_v3.launcher import wait_ready
 
     home = linked_bentoml_home("launcher")
@@ -500,7 +505,14 @@ def launched(saved_model: str) -> Iterator[Launched]:
         },
     )
     config = yaml.safe_load(config_file.read_text())
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_CONFIG": str(config_file), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        **{name: DEAD_PROXY for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY")},
+        **{name: "localhost" for name in ("no_proxy", "NO_PROXY")},
+        "BENTOML_HOME": str(home),
+        "BENTOML_CONFIG": str(config_file),
+        "PYTHONUNBUFFERED": "1",
+    }
     log = home / "launcher.log"
     with log.open("wb") as output:
         process = subprocess.Popen(
@@ -541,6 +553,13 @@ def test_launcher_serves_both_protocols_from_one_runner(
     assert sum("bentoml_cli.worker.runner" in w for w in workers) == 1, workers
     assert sum("bentoml_cli.worker.http_api_server" in w for w in workers) == 2, workers
     assert sum("bentoml_cli.worker.grpc_api_server" in w for w in workers) == 2, workers
+
+
+def test_launcher_ignores_a_proxy_in_its_environment(launched: Launched) -> None:
+    """The API workers reach the runner at 127.0.0.1 directly: BentoML's runner client
+    sent it through the environment's proxy, and every request got a 500."""
+    assert client.classify_rest(CAT, *split_address(launched.http), 30, None)["label"]
+    assert client.classify_grpc(CAT, *split_address(launched.grpc), 30, None)["label"]
 
 
 def test_launcher_logs_where_the_model_runs(launched: Launched) -> None:
