@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import contextvars
@@ -17,7 +16,7 @@ from starlette.requests import Request
 
 from .errors import InvalidImage, UnsupportedMediaType
 from .labels import top_k
-from .preprocessing import SUPPORTED_MEDIA_TYPES, ModelInput, model_input
+from .preprocessing import SUPPORTED_MEDIA_TYPES, ModelInput, read_model_input
 
 if t.TYPE_CHECKING:
     from bentoml.grpc.v1 import service_pb2 as pb
@@ -73,7 +72,7 @@ class BatchPrediction(BaseModel):
 class ImageUpload(Image, proto_fields=Image.proto_fields):
     """``bentoml.io.Image`` that validates and preprocesses in the API worker.
 
-    It returns the model's input (``preprocessing.model_input``: a plain JPEG file
+    It returns the model's input (``preprocessing.read_model_input``: a plain JPEG file
     or uint8 pixels) instead of a PIL image, answers bad input
     with 4xx instead of 500, and keeps ``Image``'s OpenAPI schema and client spec.
     """
@@ -94,11 +93,11 @@ class ImageUpload(Image, proto_fields=Image.proto_fields):
                 f"Content-Type {media_type or '(none)'} is not an image: "
                 f"send one of {', '.join(SUPPORTED_MEDIA_TYPES)} or multipart/form-data"
             )
-        return await asyncio.to_thread(model_input, data, self.max_pixels)
+        return await read_model_input(data, self.max_pixels)
 
     async def from_proto(self, field: pb.File | bytes) -> ModelInput:  # type: ignore[override]
         data = field if isinstance(field, bytes) else field.content
-        return await asyncio.to_thread(model_input, data, self.max_pixels)
+        return await read_model_input(data, self.max_pixels)
 
 
 async def read_uploaded_file(request: Request) -> bytes:

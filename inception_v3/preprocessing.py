@@ -1,7 +1,7 @@
 """Image bytes to model input: decode, validate, orient, convert, resize.
 
 One home for this path: the service's APIs and TensorFlow Serving doors call
-``model_input``, the client checks files with ``open_image``, the tests and the
+``read_model_input`` (``model_input`` for an event loop), the client checks files with ``open_image``, the tests and the
 benchmark use all three. ``model_input`` passes a plain JPEG on as the file (the
 runner decodes it in its graph) and gives ``prepare_image``'s uint8 pixels for
 anything else; scaling to [-1, 1] happens inside the model graph either way.
@@ -9,6 +9,7 @@ anything else; scaling to [-1, 1] happens inside the model graph either way.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import warnings
 
@@ -55,9 +56,18 @@ def model_input(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ModelInput
     scaling in its graph (``model.decode_jpegs``), the rule ``prepare_image`` follows
     with ``draft()``. Everything else (other formats, CMYK, EXIF rotation) is decoded here.
     """
+    return data if is_plain_jpeg(open_image(data, max_pixels)) else prepare_image(data, max_pixels)
+
+
+async def read_model_input(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ModelInput:
+    """``model_input`` in an API worker's event loop: only decoding goes to a thread.
+
+    Reading a header takes about 0.2 ms; handing it to a thread and back cost 0.5 ms
+    more on a 2-core box, on every request.
+    """
     if is_plain_jpeg(open_image(data, max_pixels)):
         return data
-    return prepare_image(data, max_pixels)
+    return await asyncio.to_thread(prepare_image, data, max_pixels)
 
 
 def is_plain_jpeg(image: Image.Image) -> bool:
