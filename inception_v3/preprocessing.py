@@ -1,8 +1,9 @@
 """Image bytes to model input: decode, validate, orient, convert, resize.
 
 One home for this path: the service's APIs and TensorFlow Serving doors call
-``read_model_input`` (``model_input`` for an event loop), the client checks files with ``open_image``, the tests and the
-benchmark use all three. ``model_input`` passes a plain JPEG on as the file (the
+``read_model_input`` (``model_input`` for an event loop), the client checks files
+with ``open_image``, the tests use ``model_input`` and ``prepare_image``, the
+benchmark ``model_input``. ``model_input`` passes a plain JPEG on as the file (the
 runner decodes it in its graph) and gives ``prepare_image``'s uint8 pixels for
 anything else; scaling to [-1, 1] happens inside the model graph either way.
 """

@@ -5,6 +5,8 @@ only once the first request will be fast), and classifies batches of either kind
 (``preprocessing.model_input``): plain JPEG files, decoded inside the TensorFlow
 graph (``classify_jpeg``), or uint8 pixels the API worker prepared with PIL
 (``classify``). TensorFlow is imported here only, so API server processes stay small.
+The API workers' side of the link is here too: ``classify_inputs`` calls the runner,
+``connect_without_environment`` keeps BentoML's runner client off proxies.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ gives the model the right pixels, and every bad input raises the client error
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from bentoml.grpc.utils import grpc_status_code
 from PIL import Image
 
 from inception_v3.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType, register_grpc_status_codes
-from inception_v3.preprocessing import INPUT_SIZE, model_input, prepare_image
+from inception_v3.preprocessing import INPUT_SIZE, model_input, prepare_image, read_model_input
 from tests.conftest import CAT_JPEG
 from tests.images import (
     EXIF_ORIENTATION,
@@ -106,6 +108,8 @@ def test_model_input_is_a_plain_jpeg_itself_or_prepare_images_pixels(name: str) 
         assert prepared == SAMPLES[name]
     else:
         assert np.array_equal(prepared, prepare_image(SAMPLES[name]))
+    read_in_a_loop = asyncio.run(read_model_input(SAMPLES[name]))  # what the API workers call
+    assert type(read_in_a_loop) is type(prepared) and np.array_equal(read_in_a_loop, prepared)
 
 
 def test_large_photo_within_the_limit() -> None:
