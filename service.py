@@ -45,7 +45,7 @@ runner = bentoml.legacy.Runner(
     InceptionV3Runnable,
     name=SERVICE_NAME,
     models=[bento_model],
-    runnable_init_params={"bento_model": bento_model},
+    runnable_init_params={"bento_model": bento_model, "xla_batch_sizes": settings.xla_batch_sizes},
 )
 svc = bentoml.legacy.Service(SERVICE_NAME, runners=[runner])
 

@@ -273,12 +273,15 @@ def run_paired(rounds: int, duration_s: float, sequential_requests: int) -> dict
     """
     import bentoml
 
+    from inception_v3.model import CompiledModel
     from inception_v3.settings import load_settings
 
     settings = load_settings()
     image = IMAGE_FILE.read_bytes()
     keras_call = keras_calls()
-    runnable = InceptionV3Runnable(bentoml.models.get(f"{SERVICE_NAME}:latest"))
+    runnable = InceptionV3Runnable(bentoml.models.get(f"{SERVICE_NAME}:latest"), settings.xla_batch_sizes)
+    if isinstance(runnable.model, CompiledModel):
+        runnable.model.compiler.join()  # as in the servers by the time they are measured
     callers = {"http": http_caller(settings.http_port, image), "grpc": grpc_caller(settings.grpc_port, image)}
 
     def in_process(batch_size: int) -> dict[str, Callable[[], object]]:

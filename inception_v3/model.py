@@ -9,17 +9,28 @@ Keras' InceptionV3 scaling itself (x / 127.5 - 1), so callers never build floats
 with libjpeg's DCT downscaling, as ``preprocessing.prepare_image`` does with PIL's
 ``draft()``; the runner uses it for plain JPEGs, so only the file crosses the
 process boundary.
+
+``CompiledModel`` runs the model compiled by XLA for the batch sizes it is told.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from collections.abc import Iterable
+
+import numpy as np
 import tensorflow as tf
 
+from .memory import release_freed_memory
 from .preprocessing import INPUT_SIZE
 
 PIXELS_SPEC = tf.TensorSpec([None, INPUT_SIZE, INPUT_SIZE, 3], tf.uint8, name="pixels")
 JPEGS_SPEC = tf.TensorSpec([None], tf.string, name="jpegs")
 DCT_SCALES = (1, 2, 4, 8)  # what libjpeg can scale by while decoding
+
+logger = logging.getLogger(__name__)
 
 
 def build_keras_model(weights: str | None) -> tf.keras.Model:
@@ -59,3 +70,36 @@ def decode_jpeg(jpeg: tf.Tensor) -> tf.Tensor:
 @tf.function(input_signature=[JPEGS_SPEC])
 def decode_jpegs(jpegs: tf.Tensor) -> tf.Tensor:
     return tf.map_fn(decode_jpeg, jpegs, fn_output_signature=PIXELS_SPEC.dtype)
+
+
+class CompiledModel:
+    """The serving model, compiled by XLA for some batch sizes.
+
+    XLA ran the model about 6% faster than TensorFlow's graph executor on the CPU
+    (batch 1 and 8), but it compiles each batch size on its own, in 4-6 s of a core,
+    and each compiled size holds 20-35 MiB (the first about 100 MiB). So
+    a background thread compiles the configured sizes after the runner is up, and
+    the plain graph answers every other size, and these until they are compiled.
+    """
+
+    def __init__(self, model: tf.Module, batch_sizes: Iterable[int]) -> None:
+        self.plain = model
+        self.compiled = tf.function(lambda pixels: model(pixels), jit_compile=True, input_signature=[PIXELS_SPEC])
+        self.ready: set[int] = set()
+        self.compiler = threading.Thread(target=self.compile, args=(tuple(batch_sizes),), name="xla", daemon=True)
+        self.compiler.start()
+
+    def __call__(self, pixels: tf.Tensor | np.ndarray) -> tf.Tensor:
+        return (self.compiled if len(pixels) in self.ready else self.plain)(pixels)
+
+    def compile(self, batch_sizes: tuple[int, ...]) -> None:
+        for batch_size in batch_sizes:
+            started = time.perf_counter()
+            try:
+                self.compiled(np.zeros((batch_size, INPUT_SIZE, INPUT_SIZE, 3), np.uint8))
+            except Exception:
+                logger.exception("XLA could not compile batch size %d; the plain graph serves it", batch_size)
+                continue
+            self.ready.add(batch_size)
+            logger.info("XLA compiled the model for batch size %d in %.1f s", batch_size, time.perf_counter() - started)
+        release_freed_memory()

@@ -1,10 +1,12 @@
 """The model worker behind BentoML's adaptive batching.
 
 It loads the saved TensorFlow module, warms it up (so ``/readyz`` turns ready
-only once the first request will be fast), and classifies batches of either kind of model input
-(``preprocessing.model_input``): plain JPEG files, decoded inside the TensorFlow
-graph (``classify_jpeg``), or uint8 pixels the API worker prepared with PIL
-(``classify``). TensorFlow is imported here only, so API server processes stay small.
+only once the first request will be fast), has XLA compile the configured batch
+sizes in the background (``model.CompiledModel``), and classifies batches of either kind of model input
+(``preprocessing.model_input``): plain JPEG files, decoded by TensorFlow
+(``classify_jpeg``), or uint8 pixels the API worker prepared with PIL
+(``classify``). Both run the same model call, so XLA compiles each size once.
+TensorFlow is imported here only, so API server processes stay small.
 The API workers' side of the link is here too: ``classify_inputs`` calls the runner,
 ``connect_without_environment`` keeps BentoML's runner client off proxies.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
 import aiohttp
 import bentoml
@@ -21,6 +24,7 @@ import numpy as np
 from bentoml._internal.runner.runner_handle.remote import RemoteRunnerClient
 
 from .labels import NUM_CLASSES
+from .memory import limit_malloc_arenas
 from .preprocessing import INPUT_SIZE, ModelInput
 
 logger = logging.getLogger(__name__)
@@ -83,30 +87,34 @@ class InceptionV3Runnable(bentoml.legacy.Runnable):
     SUPPORTED_RESOURCES = ("nvidia.com/gpu", "cpu")
     SUPPORTS_CPU_MULTI_THREADING = True
 
-    def __init__(self, bento_model: bentoml.Model) -> None:
+    def __init__(self, bento_model: bentoml.Model, xla_batch_sizes: Sequence[int]) -> None:
+        limit_malloc_arenas()
         import tensorflow as tf
 
-        from .model import JPEGS_SPEC, decode_jpegs
+        from .model import CompiledModel, decode_jpegs
 
         started = time.perf_counter()
         for gpu in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(gpu, True)
         self.model = bentoml.tensorflow.load_model(bento_model)
-        self.classify_jpegs = tf.function(lambda jpegs: self.model(decode_jpegs(jpegs)), input_signature=[JPEGS_SPEC])
+        self.decode_jpegs = decode_jpegs
         self.decode_error = tf.errors.InvalidArgumentError
-        loaded = time.perf_counter()
+        load_s = time.perf_counter() - started
         # One image through each path traces and compiles it; other batch sizes
         # measured no slower on first use, so warming them only delays readiness.
         blank = tf.io.encode_jpeg(tf.zeros((INPUT_SIZE, INPUT_SIZE, 3), tf.uint8)).numpy()
-        self.classify_jpegs(np.array([blank], dtype=object))
-        self.model(np.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), np.uint8))
+        self.classify_jpeg(np.array([blank], dtype=object))
+        self.classify(np.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), np.uint8))
         logger.info(
-            "%s loaded in %.1f s, warmed up in %.1f s, on %s",
+            "%s loaded in %.1f s, warmed up in %.1f s, on %s; XLA batch sizes: %s",
             bento_model.tag,
-            loaded - started,
-            time.perf_counter() - loaded,
+            load_s,
+            time.perf_counter() - started - load_s,
             ", ".join(device.name for device in tf.config.list_logical_devices("GPU")) or "the CPU",
+            ", ".join(map(str, xla_batch_sizes)) or "none",
         )
+        if xla_batch_sizes:
+            self.model = CompiledModel(self.model, xla_batch_sizes)
 
     def classify_in_process(self, items: list[ModelInput]) -> np.ndarray:
         """``classify_inputs`` without a server: the in-process reference for tests and the benchmark."""
@@ -126,8 +134,9 @@ class InceptionV3Runnable(bentoml.legacy.Runnable):
         the batch is retried one image at a time and that image's row is NaN.
         """
         try:
-            return self.classify_jpegs(jpegs).numpy()
+            pixels = self.decode_jpegs(jpegs)
         except self.decode_error:
             if len(jpegs) == 1:
                 return np.full((1, NUM_CLASSES), np.nan, np.float32)
             return np.concatenate([self.classify_jpeg(jpegs[i : i + 1]) for i in range(len(jpegs))])
+        return self.model(pixels).numpy()

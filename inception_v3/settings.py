@@ -39,6 +39,7 @@ class Settings:
     max_queue: int
     retry_after_s: int
     batch_patience: float
+    xla_batch_sizes: tuple[int, ...]
     config_file: Path
 
 
@@ -72,6 +73,7 @@ def read_settings(path: Path) -> Settings:
         max_queue=own["max_queue"],
         retry_after_s=own["retry_after_s"],
         batch_patience=own["batch_patience"],
+        xla_batch_sizes=tuple(own["xla_batch_sizes"]),
         config_file=path,
     )
 

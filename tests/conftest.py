@@ -59,9 +59,10 @@ def reference_classify(saved_model: str) -> Classify:
     from inception_v3.api import to_prediction
     from inception_v3.preprocessing import model_input
     from inception_v3.runner import InceptionV3Runnable
+    from inception_v3.settings import load_settings
 
     bento_model = bentoml.models.get(saved_model)
-    runnable = InceptionV3Runnable(bento_model)
+    runnable = InceptionV3Runnable(bento_model, load_settings().xla_batch_sizes)
     class_names = bento_model.custom_objects["class_names"]
 
     def classify(image: bytes, k: int = 5) -> dict:

@@ -560,8 +560,12 @@ def test_launcher_serves_both_protocols_from_one_runner(
 
 def test_launcher_logs_where_the_model_runs(launched: Launched) -> None:
     line = launched.wait_for_log(" loaded in ")
-    pattern = r"inception_v3:\w+ loaded in [0-9.]+ s, warmed up in [0-9.]+ s, on (the CPU|/device:GPU:[0-9])"
+    pattern = (
+        r"inception_v3:\w+ loaded in [0-9.]+ s, warmed up in [0-9.]+ s, on (the CPU|/device:GPU:[0-9]); "
+        r"XLA batch sizes: 1"
+    )
     assert re.search(pattern, line), line
+    assert launched.wait_for_log("XLA compiled the model for batch size 1 in ")
 
 
 def test_launcher_is_warm_when_ready(launched: Launched) -> None:
