@@ -562,10 +562,10 @@ def test_launcher_logs_where_the_model_runs(launched: Launched) -> None:
     line = launched.wait_for_log(" loaded in ")
     pattern = (
         r"inception_v3:\w+ loaded in [0-9.]+ s, warmed up in [0-9.]+ s, on (the CPU|/device:GPU:[0-9]); "
-        r"XLA batch sizes: 1"
+        r"XLA batch sizes: 1, 8"
     )
     assert re.search(pattern, line), line
-    assert launched.wait_for_log("XLA compiled the model for batch size 1 in ")
+    assert launched.wait_for_log("XLA compiled the model for batch size 8 in ", timeout_s=60)
 
 
 def test_launcher_is_warm_when_ready(launched: Launched) -> None:
