@@ -3,20 +3,26 @@
     python save_model.py                     # ImageNet weights, downloaded by Keras
     python save_model.py --weights FILE.h5   # a local weights file (offline)
     python save_model.py --random-weights    # random weights (tests, CI, offline demos)
+    python save_model.py --int8-calibration DIR   # also an int8 version, calibrated on DIR's images
 
-Each run adds a version; ``bentoml models list`` shows them.
+One model holds what every engine needs: the TensorFlow SavedModel (GPU engine)
+and the OpenVINO IR (CPU engine, fp32 weights; bf16 is chosen when it compiles),
+plus int8 IR when calibration images are given. Each run adds a version;
+``bentoml models list`` shows them.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 
 import bentoml
+import numpy as np
 
 from inception_v3.labels import load_class_names
-from inception_v3.preprocessing import INPUT_SIZE
+from inception_v3.preprocessing import INPUT_SIZE, prepare_image
 
 MODEL_NAME = "inception_v3"
 
@@ -32,6 +38,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help="integer version TensorFlow Serving clients see (default: 0 for the first model, then one more each time)",
     )
+    parser.add_argument(
+        "--int8-calibration",
+        type=Path,
+        metavar="DIR",
+        help="a folder of images like the traffic (a few hundred is typical): quantize to int8 on them with NNCF",
+    )
     return parser.parse_args(argv)
 
 
@@ -44,10 +56,33 @@ def next_serving_version() -> int:
     return max(versions, default=-1) + 1
 
 
+def calibration_set(folder: Path) -> tuple[list[np.ndarray], dict[str, object]]:
+    """Every image file in ``folder``, preprocessed as the service does, and a record of the set."""
+    from inception_v3.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+
+    batches, digest = [], hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        data = path.read_bytes()
+        try:
+            pixels = prepare_image(data)
+        except (InvalidImage, PayloadTooLarge, UnsupportedMediaType):
+            continue
+        batches.append(pixels[np.newaxis])
+        digest.update(hashlib.sha256(data).digest())
+    if not batches:
+        raise ValueError(f"{folder} holds no image the service can read")
+    return batches, {"images": len(batches), "sha256": digest.hexdigest()}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.int8_calibration and not args.int8_calibration.is_dir():
+        print(f"error: calibration folder {args.int8_calibration} does not exist", file=sys.stderr)
+        return 2
+    import openvino as ov
     import tensorflow as tf
 
+    from inception_v3.engines import openvino as ov_engine
     from inception_v3.model import InceptionV3Serving, build_keras_model
 
     if args.random_weights:
@@ -74,9 +109,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
-    saved = bentoml.tensorflow.save_model(
+    ir = ov_engine.convert(keras_model)
+    precisions, int8_ir, calibration = ["fp32", "bf16"], None, None
+    if args.int8_calibration:
+        try:
+            images, calibration = calibration_set(args.int8_calibration)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        int8_ir = ov_engine.quantize(ir, images)
+        precisions.append("int8")
+    with bentoml.models.create(
         MODEL_NAME,
-        InceptionV3Serving(keras_model),
+        module="bentoml.tensorflow",  # the SavedModel at the top loads with bentoml.tensorflow too
         signatures={"__call__": {"batchable": True, "batch_dim": 0}},
         custom_objects={"class_names": load_class_names()},
         metadata={
@@ -87,8 +132,18 @@ def main(argv: list[str] | None = None) -> int:
             "preprocessing": "resize to 299x299 (bilinear), scale x / 127.5 - 1 in the graph",
             "output": "softmax over 1000 ImageNet classes",
             "tensorflow": tf.__version__,
+            "openvino": ov.__version__,
+            "openvino_precisions": precisions,
+            **({"int8_calibration": calibration} if calibration else {}),
         },
-    )
+        context=bentoml.models.ModelContext(
+            framework_name="tensorflow", framework_versions={"tensorflow": tf.__version__, "openvino": ov.__version__}
+        ),
+    ) as saved:
+        tf.saved_model.save(InceptionV3Serving(keras_model), saved.path)
+        ov_engine.save_ir(ir, Path(saved.path), "fp32")
+        if int8_ir is not None:
+            ov_engine.save_ir(int8_ir, Path(saved.path), "int8")
     print(saved.tag)
     return 0
 

@@ -16,7 +16,7 @@ from starlette.requests import Request
 
 from .errors import InvalidImage, UnsupportedMediaType
 from .labels import top_k
-from .preprocessing import SUPPORTED_MEDIA_TYPES, ModelInput, read_model_input
+from .preprocessing import SUPPORTED_MEDIA_TYPES, PixelLimits, read_image
 
 if t.TYPE_CHECKING:
     from bentoml.grpc.v1 import service_pb2 as pb
@@ -72,17 +72,17 @@ class BatchPrediction(BaseModel):
 class ImageUpload(Image, proto_fields=Image.proto_fields):
     """``bentoml.io.Image`` that validates and preprocesses in the API worker.
 
-    It returns the model's input (``preprocessing.read_model_input``: a plain JPEG file
-    or uint8 pixels) instead of a PIL image, answers bad input
+    It returns the model's input (``preprocessing.read_image``: uint8 pixels)
+    instead of a PIL image, answers bad input
     with 4xx instead of 500, and keeps ``Image``'s OpenAPI schema and client spec.
     """
 
-    def __init__(self, max_pixels: int) -> None:
+    def __init__(self, limits: PixelLimits) -> None:
         # PNG: what BentoML's client encodes images as before sending them (lossless).
         super().__init__(mime_type="image/png", allowed_mime_types=SUPPORTED_MEDIA_TYPES)
-        self.max_pixels = max_pixels
+        self.limits = limits
 
-    async def from_http_request(self, request: Request) -> ModelInput:  # type: ignore[override]
+    async def from_http_request(self, request: Request) -> np.ndarray:  # type: ignore[override]
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type == "multipart/form-data":
             data = await read_uploaded_file(request)
@@ -93,11 +93,11 @@ class ImageUpload(Image, proto_fields=Image.proto_fields):
                 f"Content-Type {media_type or '(none)'} is not an image: "
                 f"send one of {', '.join(SUPPORTED_MEDIA_TYPES)} or multipart/form-data"
             )
-        return await read_model_input(data, self.max_pixels)
+        return await read_image(data, self.limits)
 
-    async def from_proto(self, field: pb.File | bytes) -> ModelInput:  # type: ignore[override]
+    async def from_proto(self, field: pb.File | bytes) -> np.ndarray:  # type: ignore[override]
         data = field if isinstance(field, bytes) else field.content
-        return await read_model_input(data, self.max_pixels)
+        return await read_image(data, self.limits)
 
 
 async def read_uploaded_file(request: Request) -> bytes:

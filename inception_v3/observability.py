@@ -9,6 +9,7 @@ request here instead, on both doors, with the status the client really got:
     inception_v3_request_duration_seconds{protocol, endpoint, status}   (histogram)
     inception_v3_in_flight{protocol}    requests being served now
     inception_v3_queued{protocol}       requests waiting for a slot now
+    inception_v3_engine{engine, precision, device, cpu_flags}   1, set by the runner
 
 The servers' multiprocess metrics directory (``PROMETHEUS_MULTIPROC_DIR``, set
 by BentoML for every server it starts) gathers them with BentoML's own, so HTTP
@@ -31,6 +32,9 @@ import typing as t
 from http import HTTPStatus
 
 from bentoml.exceptions import BentoMLException
+
+if t.TYPE_CHECKING:
+    from .engines import Choice
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
@@ -73,6 +77,17 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=None,
         )
+
+        self.engine = prom.Gauge(
+            "inception_v3_engine",
+            "1 for what runs the model: engine, precision, device and the CPU's relevant flags",
+            ["engine", "precision", "device", "cpu_flags"],
+            multiprocess_mode="max",
+            registry=None,
+        )
+
+    def engine_in_use(self, choice: Choice) -> None:
+        self.engine.labels(choice.engine, choice.precision, choice.device, " ".join(choice.cpu_flags)).set(1)
 
     def answered(self, protocol: str, endpoint: str, status: str, duration_s: float) -> None:
         self.requests.labels(protocol, endpoint, status).inc()

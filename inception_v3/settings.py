@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from .preprocessing import PixelLimits
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_FILE = PROJECT_ROOT / "configuration.yaml"
 SERVICE_NAME = "inception_v3"
@@ -32,13 +34,15 @@ class Settings:
     runner_port: int
     default_top_k: int
     max_body_bytes: int
-    max_image_pixels: int
+    pixel_limits: PixelLimits
     max_images_per_request: int
     request_timeout_s: float
     max_concurrency: int
     max_queue: int
     retry_after_s: int
     batch_patience: float
+    engine: str
+    precision: str
     xla_batch_sizes: tuple[int, ...]
     config_file: Path
 
@@ -66,13 +70,15 @@ def read_settings(path: Path) -> Settings:
         runner_port=own["runner_port"],
         default_top_k=own["default_top_k"],
         max_body_bytes=own["max_body_bytes"],
-        max_image_pixels=own["max_image_pixels"],
+        pixel_limits=PixelLimits(max_image_pixels=own["max_image_pixels"], max_jpeg_pixels=own["max_jpeg_pixels"]),
         max_images_per_request=own["max_images_per_request"],
         request_timeout_s=api_server["traffic"]["timeout"],
         max_concurrency=own["max_concurrency"],
         max_queue=own["max_queue"],
         retry_after_s=own["retry_after_s"],
         batch_patience=own["batch_patience"],
+        engine=own["engine"],
+        precision=own["precision"],
         xla_batch_sizes=tuple(own["xla_batch_sizes"]),
         config_file=path,
     )

@@ -53,20 +53,21 @@ def saved_model() -> str:
 
 @pytest.fixture(scope="session")
 def reference_classify(saved_model: str) -> Classify:
-    """The in-process answer: the service's own preprocessing and runnable, no server."""
+    """The in-process answer: the service's own preprocessing and runnable (same engine and precision), no server."""
     import bentoml
+    import numpy as np
 
     from inception_v3.api import to_prediction
-    from inception_v3.preprocessing import model_input
-    from inception_v3.runner import InceptionV3Runnable
+    from inception_v3.preprocessing import prepare_image
+    from inception_v3.runner import InceptionV3Runnable, runnable_init_params
     from inception_v3.settings import load_settings
 
     bento_model = bentoml.models.get(saved_model)
-    runnable = InceptionV3Runnable(bento_model, load_settings().xla_batch_sizes)
+    runnable = InceptionV3Runnable(**runnable_init_params(bento_model, load_settings()))
     class_names = bento_model.custom_objects["class_names"]
 
     def classify(image: bytes, k: int = 5) -> dict:
-        (probabilities,) = runnable.classify_in_process([model_input(image)])
+        (probabilities,) = runnable.classify(np.stack([prepare_image(image)]))
         return to_prediction(probabilities, class_names, k).model_dump()
 
     return classify

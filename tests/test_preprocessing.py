@@ -13,7 +13,7 @@ from bentoml.grpc.utils import grpc_status_code
 from PIL import Image
 
 from inception_v3.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType, register_grpc_status_codes
-from inception_v3.preprocessing import INPUT_SIZE, model_input, prepare_image, read_model_input
+from inception_v3.preprocessing import INPUT_SIZE, PixelLimits, prepare_image, read_image
 from tests.conftest import CAT_JPEG
 from tests.images import (
     EXIF_ORIENTATION,
@@ -99,17 +99,9 @@ def test_exif_orientation_gives_the_upright_pixels(orientation: int) -> None:
     assert mean_difference(prepare_image(jpeg_with_orientation(stored, orientation)), UPRIGHT) < 2
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLES))
-def test_model_input_is_a_plain_jpeg_itself_or_prepare_images_pixels(name: str) -> None:
-    """What the API worker hands the runner; rotated or CMYK JPEGs must come as pixels."""
-    prepared = model_input(SAMPLES[name])
-    if isinstance(prepared, bytes):
-        assert name in ("jpeg", "jpeg-progressive", "jpeg-grayscale")
-        assert prepared == SAMPLES[name]
-    else:
-        assert np.array_equal(prepared, prepare_image(SAMPLES[name]))
-    read_in_a_loop = asyncio.run(read_model_input(SAMPLES[name]))  # what the API workers call
-    assert type(read_in_a_loop) is type(prepared) and np.array_equal(read_in_a_loop, prepared)
+@pytest.mark.parametrize("name", ["jpeg", "png-rgba", "gif-animated"])
+def test_api_workers_read_images_as_prepare_image_does(name: str) -> None:
+    assert np.array_equal(asyncio.run(read_image(SAMPLES[name])), prepare_image(SAMPLES[name]))
 
 
 def test_large_photo_within_the_limit() -> None:
@@ -119,9 +111,26 @@ def test_large_photo_within_the_limit() -> None:
 
 def test_pixel_limit_counts_width_times_height() -> None:
     image = encode(picture(100, 50), "PNG")
-    assert prepare_image(image, max_pixels=5000).shape == (INPUT_SIZE, INPUT_SIZE, 3)
+    assert prepare_image(image, PixelLimits(max_image_pixels=5000)).shape == (INPUT_SIZE, INPUT_SIZE, 3)
     with pytest.raises(PayloadTooLarge, match="100x50"):
-        prepare_image(image, max_pixels=4999)
+        prepare_image(image, PixelLimits(max_image_pixels=4999))
+
+
+def test_a_50_megapixel_jpeg_is_decoded_with_dct_scaling() -> None:
+    """Phones take 48-50 MP photos: over the full-decode limit, within the JPEG one (decoded at 1/8)."""
+    photo = encode(picture(8160, 6120), "JPEG", quality=80)
+    assert prepare_image(photo).shape == (INPUT_SIZE, INPUT_SIZE, 3)
+    with pytest.raises(PayloadTooLarge, match="8160x6120"):
+        prepare_image(encode(picture(8160, 6120), "PNG"))
+
+
+def test_a_jpeg_dct_scaling_cannot_shrink_is_held_to_the_full_decode_limit() -> None:
+    """A strip 300 pixels high decodes at full scale: its pixels count against max_image_pixels."""
+    strip = encode(picture(4000, 300), "JPEG")
+    limits = PixelLimits(max_image_pixels=1_000_000, max_jpeg_pixels=2_000_000)
+    with pytest.raises(PayloadTooLarge, match="to decode"):
+        prepare_image(strip, limits)
+    assert prepare_image(encode(picture(1200, 1200), "JPEG"), limits).shape == (INPUT_SIZE, INPUT_SIZE, 3)
 
 
 # Refused from the header, before any pixel is decoded.
@@ -149,8 +158,6 @@ def test_bad_header_raises_its_client_error(name: str) -> None:
     data, error = BAD_HEADERS[name]
     with pytest.raises(error):
         prepare_image(data)
-    with pytest.raises(error):
-        model_input(data)
 
 
 @pytest.mark.parametrize("name", sorted(BAD_PIXELS))

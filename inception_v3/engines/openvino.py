@@ -1,0 +1,97 @@
+"""OpenVINO on CPUs: the IR ``save_model.py`` stores inside the model, no TensorFlow at run time.
+
+The IR takes uint8 pixels: the conversion adds Keras' InceptionV3 scaling
+(x / 127.5 - 1) to the graph with OpenVINO's PrePostProcessor. Weights stay fp32
+in the IR (``compress_to_fp16=False``: exact fp32 answers); bf16 is a compile-time
+hint (``INFERENCE_PRECISION_HINT``), which OpenVINO would pick by itself on AMX
+CPUs; int8 is a separate IR quantized by NNCF on calibration images.
+
+A model saved before the IR existed is converted from its SavedModel when it loads
+(TensorFlow needed then, a few seconds); saving it again stores the IR.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import typing as t
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+
+from ..preprocessing import INPUT_SIZE
+
+if t.TYPE_CHECKING:
+    import bentoml
+
+IR_DIR = "openvino"
+IR_FILES = {"fp32": "inception_v3_fp32.xml", "int8": "inception_v3_int8.xml"}  # bf16 compiles the fp32 IR
+INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16"}  # int8: OpenVINO's own choice for the layers left in float
+# LATENCY: one stream over all cores, the batch split across them. THROUGHPUT's several
+# streams serve one batch on one stream, slower for a runner that sends one batch at a time.
+PERFORMANCE_HINT = "LATENCY"
+
+logger = logging.getLogger(__name__)
+
+
+def with_uint8_input(model: ov.Model) -> ov.Model:
+    """The converted float model, taking uint8 NHWC pixels and scaling them in the graph."""
+    ppp = ov.preprocess.PrePostProcessor(model)
+    ppp.input().tensor().set_element_type(ov.Type.u8)
+    ppp.input().preprocess().convert_element_type(ov.Type.f32).scale(127.5).mean(1.0)
+    return ppp.build()
+
+
+def convert(keras_model: t.Any) -> ov.Model:
+    """Keras InceptionV3 (float input in [-1, 1]) to an OpenVINO model taking uint8 pixels."""
+    return with_uint8_input(ov.convert_model(keras_model, input=[(-1, INPUT_SIZE, INPUT_SIZE, 3)]))
+
+
+def quantize(model: ov.Model, calibration: list[np.ndarray]) -> ov.Model:
+    """int8 by NNCF's post-training quantization; ``calibration``: (1, 299, 299, 3) uint8 batches."""
+    import nncf
+
+    return nncf.quantize(model, nncf.Dataset(calibration), subset_size=len(calibration))
+
+
+def save_ir(model: ov.Model, model_dir: Path, precision: str) -> None:
+    path = model_dir / IR_DIR / IR_FILES[precision]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, str(path), compress_to_fp16=False)
+
+
+def read_model(bento_model: bentoml.Model, precision: str) -> ov.Model:
+    path = Path(bento_model.path) / IR_DIR / IR_FILES["int8" if precision == "int8" else "fp32"]
+    if path.is_file():
+        return ov.Core().read_model(str(path))
+    logger.warning(
+        "%s has no OpenVINO IR (saved before it was stored): converting its SavedModel now; "
+        "run save_model.py again to store the IR and start faster",
+        bento_model.tag,
+    )
+    import tensorflow as tf
+
+    module = tf.saved_model.load(bento_model.path)  # takes uint8 and scales in its graph already
+    return ov.convert_model(module.__call__.get_concrete_function())
+
+
+class OpenVinoEngine:
+    name = "openvino"
+
+    def __init__(self, compiled: ov.CompiledModel, precision: str) -> None:
+        self.precision = precision
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        self.lock = threading.Lock()  # one infer request, reused: one batch at a time
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        with self.lock:
+            return self.request.infer([np.ascontiguousarray(pixels, np.uint8)], share_inputs=True)[0]
+
+
+def load(bento_model: bentoml.Model, precision: str, **_: t.Any) -> OpenVinoEngine:
+    config = {"PERFORMANCE_HINT": PERFORMANCE_HINT}
+    if precision in INFERENCE_PRECISION:
+        config["INFERENCE_PRECISION_HINT"] = INFERENCE_PRECISION[precision]
+    return OpenVinoEngine(ov.Core().compile_model(read_model(bento_model, precision), "CPU", config), precision)
