@@ -157,3 +157,16 @@ def test_size_xla_cannot_compile_stays_on_the_plain_graph(caplog: pytest.LogCapt
     assert model.ready == set()
     assert "XLA could not compile batch size 1" in caplog.text
     assert model(np.full((1, 299, 299, 3), 7, np.uint8)).numpy().tolist() == [7.0]
+
+
+def test_agreement_report_says_random_weights_mean_nothing(saved_model: str, tmp_path: Path, capsys) -> None:
+    from benchmarks import agreement
+
+    shutil.copy(CAT_JPEG, tmp_path / "cat.jpg")
+    (tmp_path / "cat.png").write_bytes(encode(picture(), "PNG"))
+    assert agreement.main(["--images", str(tmp_path)]) == 0
+    report = capsys.readouterr().out
+    assert "2 images" in report and "top-1 and top-5 agreement mean nothing here" in report
+    fp32 = next(line for line in report.splitlines() if line.startswith("openvino fp32"))
+    assert float(fp32.split()[-1]) < 1e-6
+    assert "openvino int8      skipped: the model has no int8 IR" in report

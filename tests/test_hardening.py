@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import bentoml
 import grpc
 import httpx
 import numpy as np
@@ -38,6 +39,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from client import request_inception_v3 as client
+from inception_v3 import engines
 from inception_v3.settings import load_settings, write_config_on_free_ports
 from tests.conftest import CAT_JPEG, ROOT, linked_bentoml_home, split_address
 from tests.images import encode, picture, png_bomb, png_header_only, unsupported_samples, valid_samples
@@ -558,14 +560,19 @@ def test_launcher_serves_both_protocols_from_one_runner(
     assert sum("bentoml_cli.worker.grpc_api_server" in w for w in workers) == 2, workers
 
 
-def test_launcher_logs_where_the_model_runs(launched: Launched) -> None:
+def test_launcher_logs_and_exports_what_runs_the_model(launched: Launched) -> None:
+    choice = engines.choose_here("auto", "auto", bentoml.models.get("inception_v3:latest"))
     line = launched.wait_for_log(" loaded in ")
     pattern = (
-        r"inception_v3:\w+ loaded in [0-9.]+ s, warmed up in [0-9.]+ s, on (the CPU|/device:GPU:[0-9]); "
-        r"XLA batch sizes: 1, 8"
+        r"inception_v3:\w+ \(weights: random \(seed 7\)\) runs on "
+        + re.escape(choice.describe())
+        + r"; loaded in [0-9.]+ s, warmed up in [0-9.]+ s"
     )
     assert re.search(pattern, line), line
-    assert launched.wait_for_log("XLA compiled the model for batch size 8 in ", timeout_s=60)
+    families = text_string_to_metric_families(httpx.get(f"http://{launched.http}/metrics").text)
+    (engine,) = [sample for family in families if family.name == "inception_v3_engine" for sample in family.samples]
+    expected = {"engine": "openvino", "precision": choice.precision, "device": "CPU"}
+    assert engine.value == 1 and engine.labels == {**expected, "cpu_flags": " ".join(choice.cpu_flags)}
 
 
 def test_launcher_is_warm_when_ready(launched: Launched) -> None:
