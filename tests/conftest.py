@@ -104,14 +104,14 @@ def own_bentoml_home(name: str) -> Iterator[None]:
         os.environ["BENTOML_HOME"] = str(SHARED_BENTOML_HOME)
 
 
-def hosted_bento(stack: contextlib.ExitStack, use_grpc: bool) -> str:
+def hosted_bento(stack: contextlib.ExitStack, use_grpc: bool, config_file: Path = TEST_CONFIG, name: str = "") -> str:
     from bentoml.testing.server import host_bento
 
-    with own_bentoml_home("grpc-server" if use_grpc else "http-server"):
+    with own_bentoml_home(name or ("grpc-server" if use_grpc else "http-server")):
         return stack.enter_context(
             host_bento(
                 project_path=str(ROOT),
-                config_file=str(TEST_CONFIG),
+                config_file=str(config_file),
                 use_grpc=use_grpc,
                 clean_context=stack,
                 timeout=240,

@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from client import request_inception_v3 as client
-from tests.conftest import CAT_JPEG, split_address
+from inception_v3.settings import write_config_on_free_ports
+from tests.conftest import CAT_JPEG, WORK_DIR, hosted_bento, split_address
 from tests.expectations import assert_same_prediction
 
 pytestmark = pytest.mark.servers
@@ -101,3 +102,25 @@ def test_grpc_reflection_lists_every_service(grpc_address):
         "tensorflow.serving.ModelService",
         "grpc.health.v1.Health",
     } <= services
+
+
+def test_tensorflow_engine_serves_end_to_end(saved_model, servers_context, cat_jpeg):
+    """``engine: tensorflow`` (what NVIDIA GPUs run) on a real server, against the same engine in process."""
+    import bentoml
+    import numpy as np
+
+    from inception_v3.api import to_prediction
+    from inception_v3.preprocessing import prepare_image
+    from inception_v3.runner import InceptionV3Runnable
+
+    config = write_config_on_free_ports(
+        WORK_DIR / "configuration-tensorflow.yaml", {"services.inception_v3.engine": "tensorflow"}
+    )
+    address = hosted_bento(servers_context, use_grpc=False, config_file=config, name="tensorflow-server")
+    bento_model = bentoml.models.get(saved_model)
+    runnable = InceptionV3Runnable(bento_model, "tensorflow", "auto", ())
+    (probabilities,) = runnable.classify(np.stack([prepare_image(cat_jpeg)]))
+    expected = to_prediction(probabilities, bento_model.custom_objects["class_names"], 5).model_dump()
+    assert (runnable.engine.name, runnable.engine.precision) == ("tensorflow", "fp32")
+    served = client.classify_rest(cat_jpeg, *split_address(address), timeout_s=30, top_k=None)
+    assert_same_prediction(served, expected)
