@@ -19,7 +19,7 @@ import bentoml
 import numpy as np
 from bentoml.io import JSON
 
-from inception_v3 import batching, guards, tfserving
+from inception_v3 import batching, guards, protocols
 from inception_v3.api import (
     BatchPrediction,
     BatchRequest,
@@ -92,4 +92,4 @@ async def predict_batch(request: BatchRequest) -> BatchPrediction:
 
 
 guards.install(svc, settings)
-tfserving.install(svc, classify_files, bento_model, class_names)
+protocols.install(svc, classify_files, bento_model, class_names)

@@ -252,7 +252,7 @@ def test_grpc_undecodable_message_is_invalid_argument(grpc_address: str, method:
 
 
 def test_grpc_tf_serving_bad_base64_is_invalid_argument(grpc_address: str) -> None:
-    from inception_v3.tfserving import pb as tfs
+    from inception_v3.protocols.tfserving import pb as tfs
 
     request = tfs.predict_pb2.PredictRequest()
     request.model_spec.name = "inception_v3"
