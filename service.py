@@ -1,7 +1,7 @@
 """Inception v3 as a BentoML service: image in, label out, over HTTP and gRPC.
 
-    bentoml serve service:svc        # HTTP (BentoML APIs, Swagger UI, TF Serving REST)
-    bentoml serve-grpc service:svc   # gRPC (BentoML APIs, TF Serving PredictionService)
+    bentoml serve service:svc        # HTTP (BentoML APIs, Swagger UI, TF Serving and Open Inference REST)
+    bentoml serve-grpc service:svc   # gRPC (BentoML APIs, TF Serving and Open Inference services)
 
 The API workers read each image's header: plain JPEG files go to the runner as
 they are and are decoded inside its TensorFlow graph; other images are decoded
@@ -51,7 +51,7 @@ svc = bentoml.legacy.Service(SERVICE_NAME, runners=[runner])
 
 
 async def classify(items: list[ModelInput]) -> np.ndarray:
-    """Probabilities for every image of a request; every door (BentoML, TF Serving) comes here."""
+    """Probabilities for every image of a request; every door (BentoML, TF Serving, Open Inference) comes here."""
     if len(items) > settings.max_images_per_request:
         raise InvalidImage(f"{len(items)} images in one request; the limit is {settings.max_images_per_request}")
     probabilities = await classify_inputs(runner, items)

@@ -44,9 +44,9 @@ class Door:
         return path == self.rest_prefix or path.startswith(self.rest_prefix + "/")
 
 
-from . import tfserving  # noqa: E402 (it imports ``Door`` from here)
+from . import kserve_v2, tfserving  # noqa: E402 (they import ``Door`` from here)
 
-DOORS: tuple[Door, ...] = (tfserving.DOOR,)
+DOORS: tuple[Door, ...] = (tfserving.DOOR, kserve_v2.DOOR)
 
 
 def install(
