@@ -244,7 +244,12 @@ def test_grpc_bad_input_gets_its_status(grpc_address: str, name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "method", ["/bentoml.grpc.v1.BentoService/Call", "/tensorflow.serving.PredictionService/Predict"]
+    "method",
+    [
+        "/bentoml.grpc.v1.BentoService/Call",
+        "/tensorflow.serving.PredictionService/Predict",
+        "/inference.GRPCInferenceService/ModelInfer",
+    ],
 )
 def test_grpc_undecodable_message_is_invalid_argument(grpc_address: str, method: str) -> None:
     code, details = raw_grpc_call(grpc_address, method, b"\xff\xff\xff\x01 not a protobuf message")
