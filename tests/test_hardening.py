@@ -629,6 +629,25 @@ def test_launcher_metrics_on_both_doors(launched: Launched) -> None:
         assert metric_value(samples, "bentoml_runner_adaptive_batch_size_count") >= 1
 
 
+def test_launcher_counts_the_open_inference_door(launched: Launched) -> None:
+    """The Open Inference door shares the launcher's runner and metrics (endpoint: its ``Door``'s label)."""
+    from tritonclient.grpc import service_pb2 as oip
+    from tritonclient.grpc import service_pb2_grpc as oip_grpc
+
+    bad_tensor = {"inputs": [{"name": "pixels", "datatype": "BYTES", "shape": [1], "data": ["aGk="]}]}
+    assert httpx.post(f"http://{launched.http}/v2/models/inception_v3/infer", json=bad_tensor).status_code == 400
+    request = oip.ModelInferRequest(model_name="inception_v3")
+    request.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(CAT)
+    with grpc.insecure_channel(launched.grpc) as channel:
+        oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=TIMEOUT_S)
+    for address in (launched.http + "/metrics", launched.grpc_metrics):
+        samples = metric_samples(httpx.get(f"http://{address}", timeout=TIMEOUT_S).text)
+        requests = "inception_v3_requests_total"
+        assert metric_value(samples, requests, protocol="http", endpoint="/v2", status="400") >= 1
+        infer = "/inference.GRPCInferenceService/ModelInfer"
+        assert metric_value(samples, requests, protocol="grpc", endpoint=infer, status="OK") >= 1
+
+
 def test_launcher_exports_traces(launched: Launched) -> None:
     """The log line's trace id is an exported trace: the API server's span and its call to
     the runner. The runner exports its own spans too, but BentoML 1.4 files the runner

@@ -207,6 +207,12 @@ def test_grpc_unknown_model_or_version_is_not_found(grpc_client, cat_jpeg):
         assert raised.value.status() == "StatusCode.NOT_FOUND"
 
 
+def test_grpc_triton_only_rpcs_are_unimplemented(grpc_client):
+    with pytest.raises(InferenceServerException) as raised:
+        grpc_client.get_model_config(MODEL)
+    assert raised.value.status() == "StatusCode.UNIMPLEMENTED"
+
+
 def test_grpc_reflection_describes_the_service(grpc_address):
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -244,7 +250,8 @@ def test_rest_json_base64_and_b64_objects(infer_url, http_address, serving_versi
 
 def test_rest_server_metadata_and_health(http_address):
     base = f"http://{http_address}/v2"
-    assert requests.get(base, timeout=10).json()["extensions"] == ["binary_tensor_data", "classification"]
+    server = requests.get(base, timeout=10, allow_redirects=False)
+    assert server.json()["extensions"] == ["binary_tensor_data", "classification"]
     assert requests.get(f"{base}/health/live", timeout=10).json() == {"live": True}
     assert requests.get(f"{base}/health/ready", timeout=10).json() == {"ready": True}
     assert requests.get(f"{base}/models/{MODEL}/ready", timeout=10).status_code == 200

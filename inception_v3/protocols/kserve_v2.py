@@ -19,8 +19,9 @@ the score printed as C++'s ``std::to_string`` prints a float, as Triton does.
 The generated protobuf modules are ``tritonclient``'s own (2.66.0, the last built
 for protobuf 5): the service and Triton's client share one definition, so both can
 live in one process (a second ``inference`` package in protobuf's default pool
-would collide with the client's), and gRPC reflection describes the real service.
-Triton's other RPCs (model repository, statistics, shared memory) are not served.
+would collide with the client's), and gRPC reflection describes the service.
+Only the protocol's six RPCs are served; Triton's others (model repository,
+statistics, shared memory) answer UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import typing as t
 from dataclasses import dataclass
 
 import bentoml
+import grpc
 import numpy as np
 from bentoml.exceptions import BadInput, BentoMLException
 from starlette.applications import Starlette
@@ -39,18 +41,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc
 
 from ..api import image_from_tensor_element, json_value_to_image
 from ..errors import InvalidImage, ModelNotFound, UnsupportedMediaType
 from ..labels import NUM_CLASSES, top_k_indices
 from . import ClassifyFiles, Door
 
-if t.TYPE_CHECKING:
-    import grpc
-
 REST_PREFIX = "/v2"
 GRPC_SERVICE = "inference.GRPCInferenceService"
+GRPC_METHODS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
 INPUT_NAME = "image"
 LABEL = "label"
 PROBABILITIES = "probabilities"
@@ -385,8 +384,21 @@ def grpc_outputs(request: t.Any) -> list[RequestedOutput]:
     return requested
 
 
-def grpc_servicer(model: ServedModel, server_metadata: dict[str, t.Any]) -> tuple[type, t.Callable[..., None]]:
-    class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
+def add_to_server(servicer: t.Any, server: grpc.aio.Server) -> None:
+    """Only the protocol's methods; Triton's other RPCs answer UNIMPLEMENTED, as for any unknown method."""
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=getattr(pb, f"{name}Request").FromString,
+            response_serializer=getattr(pb, f"{name}Response").SerializeToString,
+        )
+        for name in GRPC_METHODS
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(GRPC_SERVICE, handlers),))
+
+
+def grpc_servicer(model: ServedModel, server_metadata: dict[str, t.Any]) -> type:
+    class InferenceService:
         async def ServerLive(self, request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:  # noqa: N802
             return pb.ServerLiveResponse(live=True)
 
@@ -416,7 +428,7 @@ def grpc_servicer(model: ServedModel, server_metadata: dict[str, t.Any]) -> tupl
                 raw_output_contents=[o.raw() for o in outputs],
             )
 
-    return InferenceService, service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server
+    return InferenceService
 
 
 def install(
@@ -431,8 +443,7 @@ def install(
     server_metadata = {"name": "bentoml", "version": bentoml.__version__, "extensions": EXTENSIONS}
     svc.mount_asgi_app(rest_app(model, server_metadata), path=REST_PREFIX)
     svc.add_asgi_middleware(ServerMetadataAtPrefix)
-    servicer, add_to_server = grpc_servicer(model, server_metadata)
-    svc.mount_grpc_servicer(servicer, add_to_server, [GRPC_SERVICE])
+    svc.mount_grpc_servicer(grpc_servicer(model, server_metadata), add_to_server, [GRPC_SERVICE])
 
 
 DOOR = Door(
