@@ -1,7 +1,7 @@
 """Inception v3 as a BentoML service: image in, label out, over HTTP and gRPC.
 
-    bentoml serve service:svc        # HTTP (BentoML APIs, Swagger UI, TF Serving REST)
-    bentoml serve-grpc service:svc   # gRPC (BentoML APIs, TF Serving PredictionService)
+    bentoml serve service:svc        # HTTP (BentoML APIs, Swagger UI, TF Serving and Open Inference REST)
+    bentoml serve-grpc service:svc   # gRPC (BentoML APIs, TF Serving and Open Inference services)
 
 The API workers decode and resize each image (``preprocessing``); the runner
 batches concurrent requests from every door (BentoML adaptive batching;
@@ -16,7 +16,7 @@ import bentoml
 import numpy as np
 from bentoml.io import JSON
 
-from inception_v3 import batching, guards, tfserving
+from inception_v3 import batching, guards, protocols
 from inception_v3.api import BatchPrediction, BatchRequest, ImageUpload, JsonInput, Prediction, decode_base64_image
 from inception_v3.classifier import Classifier
 from inception_v3.runner import InceptionV3Runnable, connect_without_environment, runnable_init_params
@@ -60,4 +60,4 @@ async def predict_batch(request: BatchRequest) -> BatchPrediction:
 
 
 guards.install(svc, settings)
-tfserving.install(svc, classifier.classify_files, bento_model, classifier.class_names)
+protocols.install(svc, classifier.classify_files, bento_model, classifier.class_names)

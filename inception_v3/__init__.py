@@ -3,6 +3,6 @@
 The request's path, one module each: ``preprocessing`` (bytes to pixels),
 ``model`` (the TensorFlow graph), ``runner`` (the batched model worker),
 ``labels`` (scores to labels), ``api`` (the service's HTTP/gRPC schema),
-``tfserving`` (TensorFlow Serving compatible doors), ``guards`` (limits and
-errors in front of it all). ``settings`` reads the one configuration file.
+``protocols`` (the other doors, one module each: TensorFlow Serving, the Open
+Inference Protocol), ``guards`` (limits and errors in front of it all). ``settings`` reads the one configuration file.
 """

@@ -142,6 +142,28 @@ def decode_base64_image(text: str) -> bytes:
         raise InvalidImage("image is not valid base64") from None
 
 
+IMAGE_SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM", b"RIFF")
+
+
+def image_from_tensor_element(value: bytes, input_name: str) -> bytes:
+    """A string tensor's element (TF Serving DT_STRING, Open Inference BYTES): an image file or its base64 text."""
+    if value.startswith(IMAGE_SIGNATURES):
+        return value
+    try:
+        return decode_base64_image(value.decode("ascii"))
+    except UnicodeDecodeError:
+        raise InvalidImage(f"input '{input_name}' holds neither base64 text nor an image file") from None
+
+
+def json_value_to_image(value: t.Any, input_name: str) -> bytes:
+    """A string tensor's element in JSON: base64 text, or TF Serving's ``{"b64": ...}``."""
+    if isinstance(value, dict) and set(value) == {"b64"} and isinstance(value["b64"], str):
+        return image_from_tensor_element(decode_base64_image(value["b64"]), input_name)
+    if isinstance(value, str):
+        return image_from_tensor_element(value.encode("ascii", "replace"), input_name)
+    raise InvalidImage(f"each '{input_name}' value must be a base64 string or {{\"b64\": ...}}")
+
+
 def to_prediction(probabilities: np.ndarray, class_names: list[str], k: int) -> Prediction:
     ranked = [ScoredLabel(label=label, score=score) for label, score in top_k(probabilities, class_names, k)]
     return Prediction(label=ranked[0].label, score=ranked[0].score, top_k=ranked)

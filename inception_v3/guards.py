@@ -49,6 +49,7 @@ from google.protobuf.message import DecodeError
 from .api import requested_top_k
 from .errors import PayloadTooLarge, register_grpc_status_codes
 from .observability import configure_logging, metrics, request_id
+from .protocols import DOORS
 
 if t.TYPE_CHECKING:
     import bentoml
@@ -61,8 +62,10 @@ Receive = Callable[[], t.Awaitable[Message]]
 Send = Callable[[Message], t.Awaitable[None]]
 BodyRewrite = Callable[[bytes], bytes]
 
-UNGUARDED_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics", "/docs.json", "/"})
-TF_SERVING_PREFIX = "/v1/"
+UNGUARDED_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics", "/docs.json", "/"}).union(
+    *(door.health_paths for door in DOORS)
+)
+UNGUARDED_METHODS = frozenset().union(*(door.health_methods for door in DOORS))
 DRAIN_POLL_S = 0.05
 FLUSH_S = 0.5  # after the last call in flight has answered, for its bytes to leave
 ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
@@ -215,10 +218,10 @@ class HttpGuard:
         return lambda body: error_body(body, status)
 
     def endpoint(self, path: str) -> str:
-        """A metrics label from a bounded set: an API route, the TF Serving routes, or "other"."""
+        """A metrics label from a bounded set: an API route, a door's routes (``Door.metrics_endpoint``), or "other"."""
         if path in self.api_paths:
             return path
-        return "/v1/models" if path.startswith(TF_SERVING_PREFIX) else "other"
+        return next((door.metrics_endpoint for door in DOORS if door.serves(path)), "other")
 
 
 def rewrite_responses(send: Send, on_start: Callable[[Message], BodyRewrite | None]) -> Send:
@@ -342,7 +345,12 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
     ) -> t.Any:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or handler.unary_unary is None or method.startswith("/grpc.health."):
+        if (
+            handler is None
+            or handler.unary_unary is None
+            or method.startswith("/grpc.health.")
+            or method in UNGUARDED_METHODS
+        ):
             return handler
         self.handle_sigterm()
         inner = handler.unary_unary

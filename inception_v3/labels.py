@@ -23,9 +23,13 @@ def load_class_names(path: Path = LABEL_FILE) -> list[str]:
     return names[1:]
 
 
+def top_k_indices(probabilities: np.ndarray, k: int) -> np.ndarray:
+    """The indices of the ``k`` most probable classes, best first."""
+    k = max(1, min(k, len(probabilities)))
+    best = np.argpartition(-probabilities, k - 1)[:k]
+    return best[np.argsort(-probabilities[best], kind="stable")]
+
+
 def top_k(probabilities: np.ndarray, class_names: list[str], k: int) -> list[tuple[str, float]]:
     """The ``k`` most probable classes, best first."""
-    k = max(1, min(k, len(class_names)))
-    best = np.argpartition(-probabilities, k - 1)[:k]
-    best = best[np.argsort(-probabilities[best], kind="stable")]
-    return [(class_names[i], float(probabilities[i])) for i in best]
+    return [(class_names[i], float(probabilities[i])) for i in top_k_indices(probabilities, k)]

@@ -1,6 +1,6 @@
 """The benchmark script's reporting, from the published run: no servers, no TensorFlow.
 
-The in-process pipeline it measures is ``InceptionV3Runnable.classify_in_process``,
+The in-process pipeline it measures is ``prepare_image`` and ``InceptionV3Runnable.classify``,
 the same code as the tests' ``reference_classify``; importing the script checks
 that the names it uses still exist.
 """

@@ -246,7 +246,12 @@ def test_grpc_bad_input_gets_its_status(grpc_address: str, name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "method", ["/bentoml.grpc.v1.BentoService/Call", "/tensorflow.serving.PredictionService/Predict"]
+    "method",
+    [
+        "/bentoml.grpc.v1.BentoService/Call",
+        "/tensorflow.serving.PredictionService/Predict",
+        "/inference.GRPCInferenceService/ModelInfer",
+    ],
 )
 def test_grpc_undecodable_message_is_invalid_argument(grpc_address: str, method: str) -> None:
     code, details = raw_grpc_call(grpc_address, method, b"\xff\xff\xff\x01 not a protobuf message")
@@ -254,7 +259,7 @@ def test_grpc_undecodable_message_is_invalid_argument(grpc_address: str, method:
 
 
 def test_grpc_tf_serving_bad_base64_is_invalid_argument(grpc_address: str) -> None:
-    from inception_v3.tfserving import pb as tfs
+    from inception_v3.protocols.tfserving import pb as tfs
 
     request = tfs.predict_pb2.PredictRequest()
     request.model_spec.name = "inception_v3"
@@ -629,6 +634,25 @@ def test_launcher_metrics_on_both_doors(launched: Launched) -> None:
         assert metric_value(samples, "inception_v3_request_duration_seconds_count", protocol="grpc") >= 2
         assert {"http", "grpc"} <= {labels["protocol"] for n, labels, _ in samples if n == "inception_v3_in_flight"}
         assert metric_value(samples, "bentoml_runner_adaptive_batch_size_count") >= 1
+
+
+def test_launcher_counts_the_open_inference_door(launched: Launched) -> None:
+    """The Open Inference door shares the launcher's runner and metrics (endpoint: its ``Door``'s label)."""
+    from tritonclient.grpc import service_pb2 as oip
+    from tritonclient.grpc import service_pb2_grpc as oip_grpc
+
+    bad_tensor = {"inputs": [{"name": "pixels", "datatype": "BYTES", "shape": [1], "data": ["aGk="]}]}
+    assert httpx.post(f"http://{launched.http}/v2/models/inception_v3/infer", json=bad_tensor).status_code == 400
+    request = oip.ModelInferRequest(model_name="inception_v3")
+    request.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.append(CAT)
+    with grpc.insecure_channel(launched.grpc) as channel:
+        oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=TIMEOUT_S)
+    for address in (launched.http + "/metrics", launched.grpc_metrics):
+        samples = metric_samples(httpx.get(f"http://{address}", timeout=TIMEOUT_S).text)
+        requests = "inception_v3_requests_total"
+        assert metric_value(samples, requests, protocol="http", endpoint="/v2", status="400") >= 1
+        infer = "/inference.GRPCInferenceService/ModelInfer"
+        assert metric_value(samples, requests, protocol="grpc", endpoint=infer, status="OK") >= 1
 
 
 def test_launcher_exports_traces(launched: Launched) -> None:

@@ -15,7 +15,6 @@ import sys
 import types
 import typing as t
 
-import numpy as np
 from bentoml.exceptions import BadInput, BentoMLException
 from google.protobuf import json_format
 from starlette.applications import Starlette
@@ -23,9 +22,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .api import decode_base64_image
-from .errors import InvalidImage, ModelNotFound
-from .labels import top_k
+from ..api import image_from_tensor_element, json_value_to_image
+from ..errors import ModelNotFound
+from ..labels import top_k
+from . import ClassifyFiles, Door
 
 if t.TYPE_CHECKING:
     import bentoml
@@ -68,9 +68,9 @@ pb = import_tf_serving_apis()
 SIGNATURE_NAME = "serving_default"
 INPUT_NAME = "image"
 OUTPUT_NAME = "output_0"
-IMAGE_SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM", b"RIFF")
-# The service's own path from image files to probabilities, shared with its APIs.
-ClassifyFiles = t.Callable[[list[bytes]], t.Awaitable["np.ndarray"]]
+REST_PREFIX = "/v1"
+PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
+MODEL_SERVICE = "tensorflow.serving.ModelService"
 
 
 class ServedModel:
@@ -117,24 +117,6 @@ class ServedModel:
         )
 
 
-def image_from_tensor_element(value: bytes) -> bytes:
-    """A DT_STRING element: base64 text of an image file (the reference), or the file itself."""
-    if value.startswith(IMAGE_SIGNATURES):
-        return value
-    try:
-        return decode_base64_image(value.decode("ascii"))
-    except UnicodeDecodeError:
-        raise InvalidImage("input 'image' holds neither base64 text nor an image file") from None
-
-
-def rest_value_to_image(value: t.Any) -> bytes:
-    if isinstance(value, dict) and set(value) == {"b64"} and isinstance(value["b64"], str):
-        return image_from_tensor_element(decode_base64_image(value["b64"]))
-    if isinstance(value, str):
-        return image_from_tensor_element(value.encode("ascii", "replace"))
-    raise InvalidImage(f"each '{INPUT_NAME}' value must be a base64 string or {{\"b64\": ...}}")
-
-
 def rest_images(body: t.Any) -> tuple[list[bytes], str]:
     """Images from a TF Serving REST body, and the output key its format answers with."""
     if not isinstance(body, dict):
@@ -144,13 +126,13 @@ def rest_images(body: t.Any) -> tuple[list[bytes], str]:
         if not isinstance(rows, list):
             raise BadInput('"instances" must be a list')
         values = [row[INPUT_NAME] if isinstance(row, dict) and INPUT_NAME in row else row for row in rows]
-        return [rest_value_to_image(v) for v in values], "predictions"
+        return [json_value_to_image(v, INPUT_NAME) for v in values], "predictions"
     if "inputs" in body:
         inputs = body["inputs"]
         values = inputs.get(INPUT_NAME) if isinstance(inputs, dict) and "b64" not in inputs else inputs
         if not isinstance(values, list):
             values = [values]
-        return [rest_value_to_image(v) for v in values], "outputs"
+        return [json_value_to_image(v, INPUT_NAME) for v in values], "outputs"
     raise BadInput('body must be a JSON object with "inputs" or "instances"')
 
 
@@ -239,7 +221,9 @@ def grpc_servicers(model: ServedModel) -> list[tuple[type, t.Callable[..., None]
                 tensor = request.inputs[INPUT_NAME]
                 if tensor.dtype != pb.types_pb2.DT_STRING:
                     raise BadInput(f"input '{INPUT_NAME}' must be DT_STRING")
-                labels = await model.predict_labels([image_from_tensor_element(v) for v in tensor.string_val])
+                labels = await model.predict_labels(
+                    [image_from_tensor_element(v, INPUT_NAME) for v in tensor.string_val]
+                )
             except BentoMLException as exc:
                 await abort_with(context, exc)
             response = pb.predict_pb2.PredictResponse()
@@ -277,12 +261,12 @@ def grpc_servicers(model: ServedModel) -> list[tuple[type, t.Callable[..., None]
         (
             PredictionService,
             pb.prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server,
-            ["tensorflow.serving.PredictionService"],
+            [PREDICTION_SERVICE],
         ),
         (
             ModelService,
             pb.model_service_pb2_grpc.add_ModelServiceServicer_to_server,
-            ["tensorflow.serving.ModelService"],
+            [MODEL_SERVICE],
         ),
     ]
 
@@ -291,6 +275,17 @@ def install(
     svc: bentoml.legacy.Service, classify_files: ClassifyFiles, bento_model: bentoml.Model, class_names: list[str]
 ) -> None:
     model = ServedModel(svc.name, bento_model.info.metadata["serving_version"], classify_files, class_names)
-    svc.mount_asgi_app(rest_app(model), path="/v1")
+    svc.mount_asgi_app(rest_app(model), path=REST_PREFIX)
     for servicer, add_to_server, names in grpc_servicers(model):
         svc.mount_grpc_servicer(servicer, add_to_server, names)
+
+
+DOOR = Door(
+    name="TensorFlow Serving",
+    rest_prefix=REST_PREFIX,
+    metrics_endpoint=f"{REST_PREFIX}/models",
+    health_paths=frozenset(),
+    health_methods=frozenset(),
+    grpc_services=(PREDICTION_SERVICE, MODEL_SERVICE),
+    install=install,
+)

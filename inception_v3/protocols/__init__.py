@@ -1,0 +1,56 @@
+"""The doors beside BentoML's own APIs: one module per wire protocol, one contract.
+
+A door is a module that speaks someone else's protocol on the service's two
+servers and declares a ``Door``:
+
+- ``rest_prefix``: where its Starlette app is mounted on the HTTP server;
+  ``guards`` labels every request under it ``metrics_endpoint`` (a bounded label).
+- ``health_paths`` (HTTP) and ``health_methods`` (gRPC, full method names): probes
+  that ``guards`` lets through without admission, so an overloaded server still
+  answers its orchestrator.
+- ``grpc_services``: the services it adds to the gRPC server (and its reflection list).
+- ``install(svc, classify_files, bento_model, class_names)``: mount it all.
+  ``classify_files`` is the service's own path from image files to an ``(n, 1000)``
+  float32 array of probabilities, so every door shares the runner, its batches and
+  its limits, and the same bytes get the same answer on every door.
+
+Adding a protocol is adding a module with a ``DOOR`` and listing it in ``DOORS``.
+"""
+
+from __future__ import annotations
+
+import typing as t
+from dataclasses import dataclass
+
+if t.TYPE_CHECKING:
+    import bentoml
+    import numpy as np
+
+ClassifyFiles = t.Callable[[list[bytes]], t.Awaitable["np.ndarray"]]
+Install = t.Callable[["bentoml.legacy.Service", ClassifyFiles, "bentoml.Model", list[str]], None]
+
+
+@dataclass(frozen=True)
+class Door:
+    name: str
+    rest_prefix: str
+    metrics_endpoint: str
+    health_paths: frozenset[str]
+    health_methods: frozenset[str]
+    grpc_services: tuple[str, ...]
+    install: Install
+
+    def serves(self, path: str) -> bool:
+        return path == self.rest_prefix or path.startswith(self.rest_prefix + "/")
+
+
+from . import kserve_v2, tfserving  # noqa: E402 (they import ``Door`` from here)
+
+DOORS: tuple[Door, ...] = (tfserving.DOOR, kserve_v2.DOOR)
+
+
+def install(
+    svc: bentoml.legacy.Service, classify_files: ClassifyFiles, bento_model: bentoml.Model, class_names: list[str]
+) -> None:
+    for door in DOORS:
+        door.install(svc, classify_files, bento_model, class_names)
