@@ -19,7 +19,7 @@ import bentoml
 import numpy as np
 from bentoml.io import JSON
 
-from inception_v3 import batching, guards, tfserving
+from inception_v3 import batching, guards, tfserving, weights
 from inception_v3.api import (
     BatchPrediction,
     BatchRequest,
@@ -38,6 +38,7 @@ from inception_v3.settings import SERVICE_NAME, load_settings
 settings = load_settings()
 bento_model = bentoml.models.get(settings.model_tag)
 class_names: list[str] = bento_model.custom_objects["class_names"]
+weights_warning = weights.warning(bento_model.info.metadata)
 
 batching.install(settings.batch_patience)
 connect_without_environment()
@@ -66,7 +67,7 @@ async def classify_files(files: list[bytes]) -> np.ndarray:
 
 def predictions(probabilities: np.ndarray, k: int | None) -> list[Prediction]:
     k = k or requested_top_k.get() or settings.default_top_k
-    return [to_prediction(row, class_names, k) for row in probabilities]
+    return [to_prediction(row, class_names, k, weights_warning) for row in probabilities]
 
 
 @svc.api(

@@ -26,6 +26,7 @@ from bentoml._internal.runner.runner_handle.remote import RemoteRunnerClient
 from .labels import NUM_CLASSES
 from .memory import limit_malloc_arenas
 from .preprocessing import INPUT_SIZE, ModelInput
+from .weights import warning as weights_warning
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,8 @@ class InceptionV3Runnable(bentoml.legacy.Runnable):
             ", ".join(device.name for device in tf.config.list_logical_devices("GPU")) or "the CPU",
             ", ".join(map(str, xla_batch_sizes)) or "none",
         )
+        if warning := weights_warning(bento_model.info.metadata):
+            logger.warning("%s: %s", bento_model.tag, warning)
         if xla_batch_sizes:
             self.model = CompiledModel(self.model, xla_batch_sizes)
 
