@@ -6,8 +6,8 @@ REST (mounted at ``/v1`` on the HTTP server) and gRPC (``PredictionService`` and
 the top-1 labels. Existing TF Serving clients work unchanged. Requests go through
 the service's runner, so they share its batches with BentoML's own APIs.
 The metadata answer also names the model's ``weights`` (``imagenet``, ``file`` or
-``random``); for random weights, predictions carry a ``warning`` (REST: a JSON
-field; gRPC: the ``x-model-warning`` trailing metadata key).
+``random``); for random weights, predictions carry a warning beside TF Serving's
+body: the ``X-Model-Warning`` header (REST) or trailing metadata key (gRPC).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ pb = import_tf_serving_apis()
 SIGNATURE_NAME = "serving_default"
 INPUT_NAME = "image"
 OUTPUT_NAME = "output_0"
-WARNING_KEY = "x-model-warning"
+WARNING_KEY = "x-model-warning"  # gRPC metadata keys are lower case
 IMAGE_SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM", b"RIFF")
 # The service's own path from image files to probabilities, shared with its APIs.
 ClassifyFiles = t.Callable[[list[bytes]], t.Awaitable["np.ndarray"]]
@@ -198,8 +198,8 @@ def rest_app(model: ServedModel) -> Starlette:
                 images, output_key = rest_images(body)
                 if body.get("signature_name"):
                     model.check(model.name, version, body["signature_name"])
-                warning = {"warning": model.warning} if model.warning else {}
-                return JSONResponse({output_key: await model.predict_labels(images), **warning})
+                warning = {WARNING_KEY: model.warning} if model.warning else None
+                return JSONResponse({output_key: await model.predict_labels(images)}, headers=warning)
             return error(
                 404, f"no such TensorFlow Serving route: {request.method} /v1/models/{request.path_params['rest']}"
             )

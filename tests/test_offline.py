@@ -207,8 +207,8 @@ def test_tf_serving_rest_names_the_weights_and_warns(http_address: str, cat_jpeg
     rest = f"http://{http_address}/v1/models/inception_v3"
     assert httpx.get(f"{rest}/metadata").json()["metadata"]["weights"] == "random"
     body = {"inputs": {"image": [base64.urlsafe_b64encode(cat_jpeg).decode()]}}
-    predicted = httpx.post(f"{rest}:predict", json=body, timeout=30).json()
-    assert predicted["warning"] == RANDOM_WARNING and len(predicted["outputs"]) == 1
+    predicted = httpx.post(f"{rest}:predict", json=body, timeout=30)
+    assert predicted.headers["x-model-warning"] == RANDOM_WARNING and len(predicted.json()["outputs"]) == 1
 
 
 @pytest.mark.servers
