@@ -92,5 +92,5 @@ async def predict_batch(request: BatchRequest) -> BatchPrediction:
     return BatchPrediction(predictions=predictions(probabilities, request.top_k))
 
 
-guards.install(svc, settings)
+guards.install(svc, settings, ready_note=weights_warning)
 tfserving.install(svc, classify_files, bento_model, class_names)

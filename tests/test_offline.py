@@ -203,6 +203,12 @@ def test_bentoml_grpc_answer_carries_the_warning(grpc_address: str, cat_jpeg: by
 
 
 @pytest.mark.servers
+def test_readyz_says_ready_with_random_weights(http_address: str) -> None:
+    ready = httpx.get(f"http://{http_address}/readyz")
+    assert ready.status_code == 200 and ready.text == f"ready; {RANDOM_WARNING}\n"
+
+
+@pytest.mark.servers
 def test_tf_serving_rest_names_the_weights_and_warns(http_address: str, cat_jpeg: bytes) -> None:
     rest = f"http://{http_address}/v1/models/inception_v3"
     assert httpx.get(f"{rest}/metadata").json()["metadata"]["weights"] == "random"
