@@ -135,6 +135,21 @@ def test_weights_imagenet_fails_in_one_line_without_tensorflow_noise() -> None:
     assert not (Path(env["BENTOML_HOME"]) / "models" / "inception_v3").exists()
 
 
+@pytest.mark.timeout(600)
+def test_the_notices_command_replaces_a_random_model_with_the_file(tmp_path: Path) -> None:
+    """What the notice tells a user to type saves the file's weights over the random model, once."""
+    weights_file = tmp_path / "inception_v3.weights.h5"
+    tf.keras.applications.InceptionV3(weights=None).save_weights(weights_file)
+    env = offline_env("weights-file", DEAD_PROXY)
+    assert make("model", env).returncode == 0
+    assert latest_model_metadata(env)["weights"] == "random"
+    assert make("model", env, f"WEIGHTS={weights_file}").returncode == 0
+    metadata = latest_model_metadata(env)
+    assert (metadata["weights"], metadata["weights_file"]) == ("file", str(weights_file))
+    again = make("model", env, f"WEIGHTS={weights_file}")
+    assert again.stdout.startswith("model: inception_v3:") and "Downloading" not in again.stdout
+
+
 @pytest.mark.parametrize(
     ("metadata", "requested", "expected"),
     [
