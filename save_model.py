@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument(
         "--imagenet-or-random", action="store_true", help="ImageNet weights, or random ones if the download fails"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
+    parser.add_argument("--seed", type=int, default=0, help="seed for random weights")
     parser.add_argument(
         "--serving-version",
         type=int,

@@ -3,7 +3,7 @@
 ``save_model.py`` records them in the model's metadata: ``weights`` is ``imagenet``
 (Keras' download), ``file`` (a local weights file, its path in ``weights_file``)
 or ``random``; ``weights_source`` says how in words. A random model runs and
-answers, but its labels mean nothing, so the runner's start-up log, the TF
+answers, but its labels mean nothing, so the runner's start-up log, ``/readyz``, the TF
 Serving metadata and every prediction answer say so, ``make serve`` ends with a
 notice, and the container build refuses it unless asked.
 
