@@ -31,10 +31,11 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
+from client import request_inception_v3 as client
 from container import image
 from inception_v3.settings import write_config_on_free_ports
 from inception_v3.weights import RANDOM_WARNING, REAL_WEIGHTS_COMMAND, has_weights, kind, warning
-from tests.conftest import ROOT, WORK_DIR
+from tests.conftest import CAT_JPEG, ROOT, WORK_DIR, split_address
 
 DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: nothing listens there
 
@@ -215,6 +216,17 @@ def test_bentoml_grpc_answer_carries_the_warning(grpc_address: str, cat_jpeg: by
         request = service_pb2.Request(api_name="predict", file=service_pb2.File(kind="image/jpeg", content=cat_jpeg))
         response = service_pb2_grpc.BentoServiceStub(channel).Call(request, timeout=30)
     assert json_format.MessageToDict(response.json)["warning"] == RANDOM_WARNING
+
+
+@pytest.mark.servers
+def test_client_cli_warns_beside_the_label(
+    http_address: str, grpc_address: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for fmt, address in (("rest", http_address), ("grpc", grpc_address)):
+        host, port = split_address(address)
+        assert client.main(["-f", fmt, "-i", str(CAT_JPEG), "-t", host, "--port", str(port)]) == 0
+        printed = capsys.readouterr()
+        assert printed.err == f"warning: {RANDOM_WARNING}\n" and len(printed.out.splitlines()) == 1
 
 
 @pytest.mark.servers
