@@ -1,8 +1,10 @@
 # Two commands on a fresh machine:
 #   make serve   set up (venv, pinned packages, model) and serve HTTP :8501 and gRPC :8500
 #   make test    set up and run the whole test suite
-# WEIGHTS picks the model make serve saves when the store has none:
-#   imagenet (default, Keras download) | random (offline) | /path/to/weights.h5 (offline)
+# WEIGHTS picks the model make serve saves when the store has none (auto), or when the store's
+# latest model has other weights than those named:
+#   auto (default: ImageNet, or random weights if the download fails) | imagenet (download or fail)
+#   | random (offline) | /path/to/weights.h5 (offline)
 # GPU=1 (make setup GPU=1, make serve GPU=1) also installs TensorFlow's CUDA libraries
 # (requirements-gpu.txt); the runner then uses the host's NVIDIA GPU.
 
@@ -10,7 +12,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-WEIGHTS ?= imagenet
+WEIGHTS ?= auto
 GPU ?=
 INSTALLED := $(VENV)/.installed$(if $(GPU),-gpu)
 RUN_DIR := .run
@@ -19,7 +21,9 @@ BENTO_TAG := inception_v3:latest
 export BENTOML_CONFIG ?= $(CURDIR)/configuration.yaml
 export PYTHONUNBUFFERED := 1
 
-ifeq ($(WEIGHTS),imagenet)
+ifeq ($(WEIGHTS),auto)
+WEIGHTS_ARGS := --imagenet-or-random
+else ifeq ($(WEIGHTS),imagenet)
 WEIGHTS_ARGS :=
 else ifeq ($(WEIGHTS),random)
 WEIGHTS_ARGS := --random-weights
@@ -37,9 +41,7 @@ $(INSTALLED): requirements.txt requirements-dev.txt requirements-gpu.txt constra
 	touch $@
 
 model: setup
-	@$(PY) -c "import bentoml; bentoml.models.get('inception_v3:latest')" 2>/dev/null \
-		&& echo "model: $$($(VENV)/bin/bentoml models get inception_v3:latest -o json | $(PY) -c 'import json,sys; m=json.load(sys.stdin); print(m["name"]+":"+m["version"], "-", m["metadata"]["weights"])')" \
-		|| $(PY) save_model.py $(WEIGHTS_ARGS)
+	@$(PY) -m inception_v3.weights has $(WEIGHTS) || $(PY) save_model.py $(WEIGHTS_ARGS)
 
 serve: model stop
 	@mkdir -p $(RUN_DIR)
@@ -48,6 +50,7 @@ serve: model stop
 	@echo "HTTP  http://localhost:8501  (Swagger UI at /, TF Serving REST at /v1/models/inception_v3, Open Inference at /v2)"
 	@echo "gRPC  localhost:8500         (bentoml.grpc.v1.BentoService, tensorflow.serving.PredictionService, inference.GRPCInferenceService)"
 	@echo "logs  $(RUN_DIR)/serve.log; stop with: make stop"
+	@$(PY) -m inception_v3.weights notice
 
 stop:
 	@if [ -f $(RUN_DIR)/serve.pid ]; then \
@@ -81,7 +84,7 @@ bento: model
 	$(VENV)/bin/bentoml build
 
 build_all: bento
-	$(PY) -m container.image build
+	$(PY) -m container.image build $(if $(filter random,$(WEIGHTS)),--allow-random-weights)
 
 run: stop
 	$(PY) -m container.image run

@@ -1,8 +1,9 @@
 """Build Inception v3 and save it to the BentoML model store as ``inception_v3``.
 
-    python save_model.py                     # ImageNet weights, downloaded by Keras
-    python save_model.py --weights FILE.h5   # a local weights file (offline)
-    python save_model.py --random-weights    # random weights (tests, CI, offline demos)
+    python save_model.py                       # ImageNet weights, downloaded by Keras
+    python save_model.py --imagenet-or-random  # the same, or random weights if the download fails (make serve)
+    python save_model.py --weights FILE.h5     # a local weights file (offline)
+    python save_model.py --random-weights      # random weights (tests, CI, offline demos)
     python save_model.py --int8-calibration DIR   # also an int8 version, calibrated on DIR's images
 
 One model holds what every engine needs: the TensorFlow SavedModel (GPU engine)
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -23,8 +26,11 @@ import numpy as np
 
 from inception_v3.labels import load_class_names
 from inception_v3.preprocessing import INPUT_SIZE, prepare_image
+from inception_v3.weights import FILE, IMAGENET, RANDOM, REAL_WEIGHTS_COMMAND, WEIGHTS_FILE_NAME
 
 MODEL_NAME = "inception_v3"
+# Per connect and read of the ImageNet download: without a network the fallback comes quickly.
+DOWNLOAD_TIMEOUT_S = 10
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,7 +38,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--weights", type=Path, help="local Keras weights file (.h5 or .weights.h5)")
     source.add_argument("--random-weights", action="store_true", help="random weights, no download")
-    parser.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
+    source.add_argument(
+        "--imagenet-or-random", action="store_true", help="ImageNet weights, or random ones if the download fails"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for random weights")
     parser.add_argument(
         "--serving-version",
         type=int,
@@ -74,11 +83,18 @@ def calibration_set(folder: Path) -> tuple[list[np.ndarray], dict[str, object]]:
     return batches, {"images": len(batches), "sha256": digest.hexdigest()}
 
 
+def download_failed(error: Exception) -> str:
+    """Keras wraps urllib's error in a plain Exception that repeats the long URL; urllib's reason is shorter."""
+    reason = getattr(error.__context__, "reason", None)
+    return f"could not download the ImageNet weights ({reason or error})"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.int8_calibration and not args.int8_calibration.is_dir():
         print(f"error: calibration folder {args.int8_calibration} does not exist", file=sys.stderr)
         return 2
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's start-up noise (CUDA probes, CPU notices)
     import openvino as ov
     import tensorflow as tf
 
@@ -86,28 +102,39 @@ def main(argv: list[str] | None = None) -> int:
     from inception_v3.model import InceptionV3Serving, build_keras_model
 
     if args.random_weights:
-        tf.keras.utils.set_random_seed(args.seed)
-        weights, source = None, f"random (seed {args.seed})"
+        weights, recorded = (
+            None,
+            {"weights": RANDOM, "weights_source": f"random weights (seed {args.seed}) were asked for"},
+        )
     elif args.weights:
         if not args.weights.is_file():
             print(f"error: weights file {args.weights} does not exist", file=sys.stderr)
             return 2
-        weights, source = str(args.weights.resolve()), f"file {args.weights.name}"
+        path = str(args.weights.resolve())
+        weights, recorded = path, {"weights": FILE, "weights_file": path, "weights_source": f"file {path}"}
     else:
-        weights, source = "imagenet", "imagenet (Keras download)"
+        weights, recorded = "imagenet", {"weights": IMAGENET, "weights_source": "ImageNet, Keras download"}
+    tf.keras.utils.set_random_seed(args.seed)  # the initial weights, which a random model keeps
+    timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
         keras_model = build_keras_model(weights)
     except Exception as error:  # Keras raises plain Exception for a failed download
         if weights != "imagenet":
             raise
-        print(
-            f"error: could not download the ImageNet weights ({error}).\n"
-            "Offline options: python save_model.py --weights inception_v3_weights_tf_dim_ordering_tf_kernels.h5 "
-            "(a file copied from a machine with internet), or --random-weights (a model that runs but "
-            "does not know cats).",
-            file=sys.stderr,
-        )
-        return 2
+        if not args.imagenet_or_random:
+            print(
+                f"error: {download_failed(error)}. Offline: {REAL_WEIGHTS_COMMAND} (copied from a machine with "
+                "internet), or make serve WEIGHTS=random (a model that runs but does not know cats); "
+                f"save_model.py takes --weights {WEIGHTS_FILE_NAME} or --random-weights.",
+                file=sys.stderr,
+            )
+            return 2
+        print(f"warning: {download_failed(error)}: saving random weights instead", file=sys.stderr)
+        keras_model = build_keras_model(None)
+        recorded = {"weights": RANDOM, "weights_source": f"{download_failed(error)}, so random ones were saved"}
+    finally:
+        socket.setdefaulttimeout(timeout)
 
     ir = ov_engine.convert(keras_model)
     precisions, int8_ir, calibration = ["fp32", "bf16"], None, None
@@ -125,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         signatures={"__call__": {"batchable": True, "batch_dim": 0}},
         custom_objects={"class_names": load_class_names()},
         metadata={
-            "weights": source,
+            **recorded,
             # TensorFlow Serving clients address integer versions.
             "serving_version": args.serving_version if args.serving_version is not None else next_serving_version(),
             "input": f"uint8 RGB [batch, {INPUT_SIZE}, {INPUT_SIZE}, 3]",

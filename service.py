@@ -59,5 +59,5 @@ async def predict_batch(request: BatchRequest) -> BatchPrediction:
     return BatchPrediction(predictions=classifier.predictions(probabilities, request.top_k))
 
 
-guards.install(svc, settings)
+guards.install(svc, settings, ready_note=classifier.warning)
 protocols.install(svc, classifier.classify_files, bento_model, classifier.class_names)

@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # connection refused, timeouts: one line, not a traceback
         print(f"error: cannot reach {args.format} server at {args.target}:{port}: {error}", file=sys.stderr)
         return 1
+    if prediction.get("warning"):
+        print(f"warning: {prediction['warning']}", file=sys.stderr)
     if args.top_k:
         for entry in prediction["top_k"]:
             print(f"{entry['label']}\t{entry['score']:.4f}")

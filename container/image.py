@@ -1,12 +1,15 @@
 """Build and run the service's container image with Docker or, where no Docker engine runs, buildah.
 
     python -m container.image build [--bento inception_v3:latest] [--tag inception_v3:latest ...]
+                                    [--allow-random-weights]
     python -m container.image run [--tag inception_v3:latest] [--config FILE]
     python -m container.image stop
     python -m container.image remove [--tag inception_v3:latest ...]
 
 ``build`` is ``bentoml containerize``; with buildah it first builds a Debian base
 offline (container/build-base.sh) and passes it as the BASE_IMAGE build argument.
+An image is meant to ship, so it refuses a Bento whose model has random weights
+unless ``--allow-random-weights`` says so (``make build_all WEIGHTS=random``).
 ``run`` starts the image's default command (HTTP and gRPC from one runner) in the
 background and records the container in a state file for ``stop``. The ports are
 those of the image's configuration file, or of ``--config``, mounted over it.
@@ -37,6 +40,9 @@ from typing import Any
 
 import psutil
 import yaml
+
+from inception_v3.weights import WEIGHTS_FILE_NAME
+from inception_v3.weights import warning as weights_warning
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_IMAGE = "localhost/inception-v3-base:bookworm"
@@ -81,6 +87,18 @@ def engine(backend: str, *args: str, capture: bool = False) -> str:
         [backend, *args], env=backend_env(backend), check=True, text=True, capture_output=capture
     )
     return completed.stdout.strip() if capture else ""
+
+
+def refuse_random_weights(bento: str) -> None:
+    import bentoml
+
+    for model in bentoml.get(bento).info.all_models:
+        if weights_warning(bentoml.models.get(model.tag).info.metadata):
+            raise SystemExit(
+                f"error: {bento} holds {model.tag}, a model with random weights (meaningless labels), and an image is "
+                f"meant to ship: build with real ones (make build_all WEIGHTS=/path/to/{WEIGHTS_FILE_NAME}), "
+                "or ship random ones on purpose with make build_all WEIGHTS=random (--allow-random-weights)"
+            )
 
 
 def build(bento: str, tags: list[str], backend: str, no_cache: bool = False) -> None:
@@ -221,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     build_parser.add_argument("--bento", default="inception_v3:latest")
     build_parser.add_argument("--tag", action="append", help=f"image tag, repeatable (default {DEFAULT_TAG})")
     build_parser.add_argument("--no-cache", action="store_true", help="rebuild every step (the base stays cached)")
+    build_parser.add_argument(
+        "--allow-random-weights", action="store_true", help="build even if the model has random weights"
+    )
     run_parser = commands.add_parser("run", help="start the image's default command in the background")
     run_parser.add_argument("--tag", default=DEFAULT_TAG)
     run_parser.add_argument("--name", default="inception-v3")
@@ -231,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "build":
+        if not args.allow_random_weights:
+            refuse_random_weights(args.bento)
         build(args.bento, args.tag or [DEFAULT_TAG], detect_backend(), no_cache=args.no_cache)
     elif args.command == "run":
         container = run(args.tag, args.name, args.config, args.state_file)

@@ -50,6 +50,9 @@ class Prediction(BaseModel):
     label: str = Field(description="the most probable class", examples=["Siamese cat"])
     score: float = Field(ge=0, le=1, description="its softmax probability", examples=[0.93])
     top_k: list[ScoredLabel] = Field(description="the k most probable classes, best first")
+    warning: str | None = Field(
+        default=None, description="set when the labels are not to be trusted: the model has random weights"
+    )
 
 
 class BatchRequest(BaseModel):
@@ -164,6 +167,6 @@ def json_value_to_image(value: t.Any, input_name: str) -> bytes:
     raise InvalidImage(f"each '{input_name}' value must be a base64 string or {{\"b64\": ...}}")
 
 
-def to_prediction(probabilities: np.ndarray, class_names: list[str], k: int) -> Prediction:
+def to_prediction(probabilities: np.ndarray, class_names: list[str], k: int, warning: str | None = None) -> Prediction:
     ranked = [ScoredLabel(label=label, score=score) for label, score in top_k(probabilities, class_names, k)]
-    return Prediction(label=ranked[0].label, score=ranked[0].score, top_k=ranked)
+    return Prediction(label=ranked[0].label, score=ranked[0].score, top_k=ranked, warning=warning)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import bentoml
 import numpy as np
 
-from . import engines
+from . import engines, weights
 from .api import Prediction, requested_top_k, to_prediction
 from .errors import InvalidImage
 from .preprocessing import read_image
@@ -31,7 +31,8 @@ class Classifier:
     def __post_init__(self) -> None:
         self.class_names: list[str] = self.bento_model.custom_objects["class_names"]
         self.version: int = self.bento_model.info.metadata["serving_version"]
-        self.weights: str = self.bento_model.info.metadata.get("weights", "unknown")
+        self.weights: str = weights.kind(self.bento_model.info.metadata)
+        self.warning: str | None = weights.warning(self.bento_model.info.metadata)
         # The runner loads the same choice; it is pure, so it needs no call to the runner.
         self.engine = engines.choose_here(self.settings.engine, self.settings.precision, self.bento_model)
 
@@ -53,4 +54,4 @@ class Classifier:
 
     def predictions(self, probabilities: np.ndarray, k: int | None = None) -> list[Prediction]:
         k = k or requested_top_k.get() or self.settings.default_top_k
-        return [to_prediction(row, self.class_names, k) for row in probabilities]
+        return [to_prediction(row, self.class_names, k, self.warning) for row in probabilities]

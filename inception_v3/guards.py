@@ -149,18 +149,23 @@ class HttpGuard:
         max_body_bytes: int,
         retry_after_s: int,
         api_paths: frozenset[str],
+        ready_note: str | None,
     ) -> None:
         self.app = app
         self.admission = admission
         self.max_body_bytes = max_body_bytes
         self.retry_after_s = retry_after_s
         self.api_paths = api_paths
+        ready_body = f"ready; {ready_note}\n".encode()
+        self.ready_rewrite: BodyRewrite | None = (lambda _body: ready_body) if ready_note else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if scope["type"] != "http" or path in UNGUARDED_PATHS or path.startswith("/static"):
             if path == "/docs.json":
                 send = rewrite_responses(send, lambda start: document_openapi if start["status"] == 200 else None)
+            if path == "/readyz" and (say_ready := self.ready_rewrite):
+                send = rewrite_responses(send, lambda start: say_ready if start["status"] == 200 else None)
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
@@ -413,7 +418,8 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def install(svc: bentoml.legacy.Service, settings: Settings) -> None:
+def install(svc: bentoml.legacy.Service, settings: Settings, ready_note: str | None = None) -> None:
+    """``ready_note``: what ``/readyz`` says besides "ready" (the warning for random weights)."""
     register_grpc_status_codes()
     configure_logging()
     limits = {"max_concurrency": settings.max_concurrency, "max_queue": settings.max_queue}
@@ -423,6 +429,7 @@ def install(svc: bentoml.legacy.Service, settings: Settings) -> None:
         max_body_bytes=settings.max_body_bytes,
         retry_after_s=settings.retry_after_s,
         api_paths=frozenset("/" + api.route.lstrip("/") for api in svc.apis.values()),
+        ready_note=ready_note,
     )
     svc.add_grpc_interceptor(
         GrpcGuard,

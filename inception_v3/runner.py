@@ -26,6 +26,7 @@ from .preprocessing import INPUT_SIZE
 
 if t.TYPE_CHECKING:
     from .settings import Settings
+from .weights import warning as weights_warning
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class InceptionV3Runnable(bentoml.legacy.Runnable):
             time.perf_counter() - started - load_s,
         )
         metrics().engine_in_use(self.choice)
+        if warning := weights_warning(bento_model.info.metadata):
+            logger.warning("%s: %s", bento_model.tag, warning)
 
     @bentoml.legacy.Runnable.method(batchable=True, batch_dim=0)
     def classify(self, pixels: np.ndarray) -> np.ndarray:

@@ -5,6 +5,9 @@ REST (mounted at ``/v1`` on the HTTP server) and gRPC (``PredictionService`` and
 ``image``, a DT_STRING batch of URL-safe base64 image files; output ``output_0``,
 the top-1 labels. Existing TF Serving clients work unchanged. Requests go through
 the service's runner, so they share its batches with BentoML's own APIs.
+The metadata answer also names the model's ``weights`` (``imagenet``, ``file`` or
+``random``); for random weights, predictions carry a warning beside TF Serving's
+body: the ``X-Model-Warning`` header (REST) or trailing metadata key (gRPC).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import types
 import typing as t
 
 from bentoml.exceptions import BadInput, BentoMLException
-from google.protobuf import json_format
+from google.protobuf import json_format, wrappers_pb2
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -25,6 +28,8 @@ from starlette.routing import Route
 from ..api import image_from_tensor_element, json_value_to_image
 from ..errors import ModelNotFound
 from ..labels import top_k
+from ..weights import kind as weights_kind
+from ..weights import warning as weights_warning
 from . import ClassifyFiles, Door
 
 if t.TYPE_CHECKING:
@@ -71,14 +76,19 @@ OUTPUT_NAME = "output_0"
 REST_PREFIX = "/v1"
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
+WARNING_KEY = "x-model-warning"  # gRPC metadata keys are lower case
 
 
 class ServedModel:
     """The model as TF Serving clients see it: a name, one integer version, one signature."""
 
-    def __init__(self, name: str, version: int, classify_files: ClassifyFiles, class_names: list[str]) -> None:
+    def __init__(
+        self, name: str, metadata: t.Mapping[str, t.Any], classify_files: ClassifyFiles, class_names: list[str]
+    ) -> None:
         self.name = name
-        self.version = version
+        self.version: int = metadata["serving_version"]
+        self.weights = weights_kind(metadata)
+        self.warning = weights_warning(metadata)
         self.classify_files = classify_files
         self.class_names = class_names
 
@@ -170,7 +180,8 @@ def rest_app(model: ServedModel) -> Starlette:
                 images, output_key = rest_images(body)
                 if body.get("signature_name"):
                     model.check(model.name, version, body["signature_name"])
-                return JSONResponse({output_key: await model.predict_labels(images)})
+                warning = {WARNING_KEY: model.warning} if model.warning else None
+                return JSONResponse({output_key: await model.predict_labels(images)}, headers=warning)
             return error(
                 404, f"no such TensorFlow Serving route: {request.method} /v1/models/{request.path_params['rest']}"
             )
@@ -195,7 +206,7 @@ def metadata_json(model: ServedModel, version: int | None) -> dict[str, t.Any]:
             "signature_name": "",
             "version": str(version if version is not None else model.version),
         },
-        "metadata": {"signature_def": signature_defs},
+        "metadata": {"signature_def": signature_defs, "weights": model.weights},
     }
 
 
@@ -234,6 +245,8 @@ def grpc_servicers(model: ServedModel) -> list[tuple[type, t.Callable[..., None]
             output.dtype = pb.types_pb2.DT_STRING
             output.tensor_shape.dim.add(size=len(labels))
             output.string_val.extend(label.encode() for label in labels)
+            if model.warning:
+                context.set_trailing_metadata(((WARNING_KEY, model.warning),))
             return response
 
         async def GetModelMetadata(self, request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:  # noqa: N802
@@ -247,6 +260,7 @@ def grpc_servicers(model: ServedModel) -> list[tuple[type, t.Callable[..., None]
             response.model_spec.name = model.name
             response.model_spec.version.value = model.version
             response.metadata["signature_def"].Pack(model.signature_def_map())
+            response.metadata["weights"].Pack(wrappers_pb2.StringValue(value=model.weights))
             return response
 
     class ModelService(pb.model_service_pb2_grpc.ModelServiceServicer):
@@ -274,7 +288,7 @@ def grpc_servicers(model: ServedModel) -> list[tuple[type, t.Callable[..., None]
 def install(
     svc: bentoml.legacy.Service, classify_files: ClassifyFiles, bento_model: bentoml.Model, class_names: list[str]
 ) -> None:
-    model = ServedModel(svc.name, bento_model.info.metadata["serving_version"], classify_files, class_names)
+    model = ServedModel(svc.name, bento_model.info.metadata, classify_files, class_names)
     svc.mount_asgi_app(rest_app(model), path=REST_PREFIX)
     for servicer, add_to_server, names in grpc_servicers(model):
         svc.mount_grpc_servicer(servicer, add_to_server, names)
