@@ -5,8 +5,9 @@
     python -m container.image stop
     python -m container.image remove [--tag inception_v3:latest ...]
 
-``build`` is ``bentoml containerize``; with buildah it first builds a Debian base
-offline (container/build-base.sh) and passes it as the BASE_IMAGE build argument.
+``build`` runs ``bentoml containerize`` from the project folder (it prints the
+command); with buildah it first builds a Debian base offline
+(container/build-base.sh) and passes it as the BASE_IMAGE build argument.
 ``run`` starts the image's default command (HTTP and gRPC from one runner) in the
 background and records the container in a state file for ``stop``. The ports are
 those of the image's configuration file, or of ``--config``, mounted over it.
@@ -25,18 +26,20 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 import yaml
+
+from container import bentoml_patch
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_IMAGE = "localhost/inception-v3-base:bookworm"
@@ -83,22 +86,37 @@ def engine(backend: str, *args: str, capture: bool = False) -> str:
     return completed.stdout.strip() if capture else ""
 
 
-def build(bento: str, tags: list[str], backend: str, no_cache: bool = False) -> None:
-    command = [str(Path(sys.executable).with_name("bentoml")), "containerize", bento, "--backend", backend]
-    for tag in tags:
-        command += ["--image-tag", tag]
-    if no_cache:
-        command += ["--opt", "no-cache"]
+def build_base(backend: str) -> None:
+    """buildah only: the local Debian base (container/build-base.sh; once, then cached)."""
+    subprocess.run(
+        [ROOT / "container" / "build-base.sh", BASE_IMAGE],
+        env={**backend_env(backend), "PYTHON": sys.executable},
+        check=True,
+    )
+
+
+def containerize_options(backend: str) -> list[str]:
+    """What `bentoml containerize` needs beyond the Bento's tag: the backend, and buildah's local base."""
+    options = ["--backend", backend]
     if backend == "buildah":
-        subprocess.run(
-            [ROOT / "container" / "build-base.sh", BASE_IMAGE],
-            env={**backend_env(backend), "PYTHON": sys.executable},
-            check=True,
-        )
-        command += ["--opt", f"build-arg=BASE_IMAGE={BASE_IMAGE}"]
-    # BentoML issue 5566: containerize refuses a dockerfile_template whose copy (in a
-    # temporary directory) is outside the working directory; run it from there.
-    subprocess.run(command, env=backend_env(backend), check=True, cwd=tempfile.gettempdir())
+        options += ["--opt", f"build-arg=BASE_IMAGE={BASE_IMAGE}"]
+    return options
+
+
+def build(bento: str, tags: list[str], backend: str, no_cache: bool = False) -> None:
+    if bentoml_patch.fix_missing():
+        raise SystemExit(bentoml_patch.UNPATCHED_ERROR)
+    arguments = ["containerize", bento, *containerize_options(backend)]
+    for tag in tags:
+        arguments += ["--image-tag", tag]
+    if no_cache:
+        arguments += ["--opt", "no-cache"]
+    if backend == "buildah":
+        build_base(backend)
+    print("running: bentoml", shlex.join(arguments))
+    subprocess.run(
+        [Path(sys.executable).with_name("bentoml"), *arguments], env=backend_env(backend), check=True, cwd=ROOT
+    )
     print(f"built {', '.join(tags)} with {backend}: start it with `make run` or `python -m container.image run`")
 
 
