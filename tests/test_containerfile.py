@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from container import bentoml_patch
 from tests.conftest import ROOT, WORK_DIR
 
 BENTO_PATH = "/home/bentoml/bento"
@@ -51,6 +52,10 @@ def containerfile(request: pytest.FixtureRequest, bento: str, tmp_path_factory: 
         monkeypatch.chdir(request.param)
         bentoml.container.get_containerfile(bento, output_path=str(output))
     return output.read_text()
+
+
+def test_bentoml_has_the_fix_for_issue_5566() -> None:
+    assert not bentoml_patch.fix_missing(), bentoml_patch.UNPATCHED_ERROR
 
 
 def test_command_is_the_launcher_for_both_protocols(containerfile: str) -> None:
