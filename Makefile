@@ -35,9 +35,10 @@ endif
 
 setup: $(INSTALLED)
 
-$(INSTALLED): requirements.txt requirements-dev.txt requirements-gpu.txt constraints.txt
+$(INSTALLED): requirements.txt requirements-dev.txt requirements-gpu.txt constraints.txt container/bentoml_patch.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt $(if $(GPU),-r requirements-gpu.txt) -c constraints.txt
+	$(PY) -m container.bentoml_patch   # BentoML issue 5566: bentoml containerize with our Dockerfile template
 	touch $@
 
 model: setup
@@ -74,7 +75,7 @@ clean: stop
 	rm -rf $(RUN_DIR) build .pytest_cache
 
 # --- deployable image (bentoml build / containerize) -------------------------
-# build_all: model (if the store has none) -> Bento -> OCI image inception_v3:latest.
+# build_all: model (if the store has none) -> `bentoml build` -> `bentoml containerize` (printed) -> inception_v3:latest.
 # run: the image's default command, HTTP :8501 and gRPC :8500 from one runner; `make stop` stops it.
 # The engine is docker, or buildah where no Docker engine answers (CONTAINER_BACKEND=docker|buildah);
 # buildah starts from a Debian base built offline once (container/build-base.sh). docs/deployment.md
@@ -91,7 +92,7 @@ run: stop
 	@$(PY) -m inception_v3.launcher --wait-ready --timeout 300 || { $(MAKE) --no-print-directory stop; exit 1; }
 	@echo "HTTP  http://localhost:8501   gRPC  localhost:8500   (container; stop with: make stop)"
 
-# Builds the image from scratch in a temporary store, serves from it, asks over both protocols (slow, opt-in).
+# `bentoml containerize` from the project folder (the test store's model), serves the image, asks both protocols (slow, opt-in).
 image-test: setup
 	RUN_IMAGE_TESTS=1 $(PY) -m pytest -m image tests/test_image.py -v -s
 

@@ -6,8 +6,9 @@
     python -m container.image stop
     python -m container.image remove [--tag inception_v3:latest ...]
 
-``build`` is ``bentoml containerize``; with buildah it first builds a Debian base
-offline (container/build-base.sh) and passes it as the BASE_IMAGE build argument.
+``build`` runs ``bentoml containerize`` from the project folder (it prints the
+command); with buildah it first builds a Debian base offline
+(container/build-base.sh) and passes it as the BASE_IMAGE build argument.
 An image is meant to ship, so it refuses a Bento whose model has random weights
 unless ``--allow-random-weights`` says so (``make build_all WEIGHTS=random``).
 ``run`` starts the image's default command (HTTP and gRPC from one runner) in the
@@ -28,12 +29,12 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from typing import Any
 import psutil
 import yaml
 
+from container import bentoml_patch
 from inception_v3.weights import WEIGHTS_FILE_NAME
 from inception_v3.weights import warning as weights_warning
 
@@ -101,22 +103,37 @@ def refuse_random_weights(bento: str) -> None:
             )
 
 
-def build(bento: str, tags: list[str], backend: str, no_cache: bool = False) -> None:
-    command = [str(Path(sys.executable).with_name("bentoml")), "containerize", bento, "--backend", backend]
-    for tag in tags:
-        command += ["--image-tag", tag]
-    if no_cache:
-        command += ["--opt", "no-cache"]
+def build_base(backend: str) -> None:
+    """buildah only: the local Debian base (container/build-base.sh; once, then cached)."""
+    subprocess.run(
+        [ROOT / "container" / "build-base.sh", BASE_IMAGE],
+        env={**backend_env(backend), "PYTHON": sys.executable},
+        check=True,
+    )
+
+
+def containerize_options(backend: str) -> list[str]:
+    """What `bentoml containerize` needs beyond the Bento's tag: the backend, and buildah's local base."""
+    options = ["--backend", backend]
     if backend == "buildah":
-        subprocess.run(
-            [ROOT / "container" / "build-base.sh", BASE_IMAGE],
-            env={**backend_env(backend), "PYTHON": sys.executable},
-            check=True,
-        )
-        command += ["--opt", f"build-arg=BASE_IMAGE={BASE_IMAGE}"]
-    # BentoML issue 5566: containerize refuses a dockerfile_template whose copy (in a
-    # temporary directory) is outside the working directory; run it from there.
-    subprocess.run(command, env=backend_env(backend), check=True, cwd=tempfile.gettempdir())
+        options += ["--opt", f"build-arg=BASE_IMAGE={BASE_IMAGE}"]
+    return options
+
+
+def build(bento: str, tags: list[str], backend: str, no_cache: bool = False) -> None:
+    if bentoml_patch.fix_missing():
+        raise SystemExit(bentoml_patch.UNPATCHED_ERROR)
+    arguments = ["containerize", bento, *containerize_options(backend)]
+    for tag in tags:
+        arguments += ["--image-tag", tag]
+    if no_cache:
+        arguments += ["--opt", "no-cache"]
+    if backend == "buildah":
+        build_base(backend)
+    print("running: bentoml", shlex.join(arguments))
+    subprocess.run(
+        [Path(sys.executable).with_name("bentoml"), *arguments], env=backend_env(backend), check=True, cwd=ROOT
+    )
     print(f"built {', '.join(tags)} with {backend}: start it with `make run` or `python -m container.image run`")
 
 
