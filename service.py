@@ -60,4 +60,4 @@ async def predict_batch(request: BatchRequest) -> BatchPrediction:
 
 
 guards.install(svc, settings, ready_note=classifier.warning)
-protocols.install(svc, classifier.classify_files, bento_model, classifier.class_names)
+protocols.install(svc, classifier)

@@ -10,6 +10,8 @@ runner (one batching queue for all doors), labels and top-k, and what the model 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import typing as t
 from dataclasses import dataclass
 
 import bentoml
@@ -35,6 +37,10 @@ class Classifier:
         self.warning: str | None = weights.warning(self.bento_model.info.metadata)
         # The runner loads the same choice; it is pure, so it needs no call to the runner.
         self.engine = engines.choose_here(self.settings.engine, self.settings.precision, self.bento_model)
+
+    def engine_info(self) -> dict[str, t.Any]:
+        """What runs the model here, for the doors' metadata answers."""
+        return {**dataclasses.asdict(self.engine), "cpu_flags": list(self.engine.cpu_flags)}
 
     def check_count(self, count: int) -> None:
         if count > self.settings.max_images_per_request:

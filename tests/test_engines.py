@@ -169,4 +169,4 @@ def test_agreement_report_says_random_weights_mean_nothing(saved_model: str, tmp
     assert "2 images" in report and "top-1 and top-5 agreement mean nothing here" in report
     fp32 = next(line for line in report.splitlines() if line.startswith("openvino fp32"))
     assert float(fp32.split()[-1]) < 1e-6
-    assert "openvino int8      skipped: the model has no int8 IR" in report
+    assert "openvino int8       skipped: the model has no int8 IR" in report

@@ -96,6 +96,7 @@ def test_http_health_and_metadata(http_client, serving_version):
     assert set(http_client.get_server_metadata()["extensions"]) >= {"binary_tensor_data", "classification"}
     metadata = http_client.get_model_metadata(MODEL)
     assert metadata["versions"] == [serving_version]
+    assert metadata["platform"] in ("openvino_bf16", "openvino_fp32")  # engine and precision auto, on a CPU
     assert metadata["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
     assert metadata["outputs"] == [
         {"name": "label", "datatype": "BYTES", "shape": [-1]},
@@ -322,7 +323,9 @@ def test_guards_read_the_doors_declarations():
     """The metrics label of a door's routes and its unguarded probes come from its ``Door``."""
     from inception_v3.guards import UNGUARDED_METHODS, UNGUARDED_PATHS, HttpGuard
 
-    guard = HttpGuard(app=None, admission=None, max_body_bytes=1, retry_after_s=1, api_paths=frozenset({"/predict"}))
+    guard = HttpGuard(
+        app=None, admission=None, max_body_bytes=1, retry_after_s=1, api_paths=frozenset({"/predict"}), ready_note=None
+    )
     assert guard.endpoint(f"/v2/models/{MODEL}/infer") == guard.endpoint("/v2") == "/v2"
     assert guard.endpoint(f"/v1/models/{MODEL}:predict") == "/v1/models"
     assert guard.endpoint("/v20/models") == "other"

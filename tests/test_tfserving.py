@@ -12,6 +12,7 @@ import grpc
 import pytest
 import requests
 import tensorflow as tf
+from google.protobuf import json_format, struct_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -100,6 +101,17 @@ def test_rest_metadata(rest, serving_version, path):
     assert signature["inputs"]["image"]["dtype"] == "DT_STRING"
     assert signature["outputs"]["output_0"]["dtype"] == "DT_STRING"
     assert signature["method_name"] == "tensorflow/serving/predict"
+    assert metadata["metadata"]["engine"] == expected_engine()
+
+
+def expected_engine() -> dict:
+    """What the runner loads here with the test configuration (engine and precision auto)."""
+    import bentoml
+
+    from inception_v3 import engines
+
+    choice = engines.choose_here("auto", "auto", bentoml.models.get("inception_v3:latest"))
+    return {"engine": "openvino", "precision": choice.precision, "device": "CPU", "cpu_flags": list(choice.cpu_flags)}
 
 
 @pytest.mark.parametrize(
@@ -169,6 +181,9 @@ def test_grpc_model_metadata(channel, serving_version):
     assert signature.inputs["image"].dtype == tf.string.as_datatype_enum
     assert signature.outputs["output_0"].dtype == tf.string.as_datatype_enum
     assert response.model_spec.version.value == serving_version
+    engine = struct_pb2.Struct()
+    response.metadata["engine"].Unpack(engine)
+    assert json_format.MessageToDict(engine) == expected_engine()
 
 
 def test_grpc_model_status(channel, serving_version):

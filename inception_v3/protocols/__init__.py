@@ -9,10 +9,11 @@ servers and declares a ``Door``:
   that ``guards`` lets through without admission, so an overloaded server still
   answers its orchestrator.
 - ``grpc_services``: the services it adds to the gRPC server (and its reflection list).
-- ``install(svc, classify_files, bento_model, class_names)``: mount it all.
-  ``classify_files`` is the service's own path from image files to an ``(n, 1000)``
-  float32 array of probabilities, so every door shares the runner, its batches and
-  its limits, and the same bytes get the same answer on every door.
+- ``install(svc, classifier)``: mount it all. ``classifier`` (``inception_v3.classifier``)
+  is the service's protocol-neutral path from image files to an ``(n, 1000)`` float32
+  array of probabilities, with the class names and what the model is, so every door
+  shares the runner, its batches and its limits, and the same bytes get the same
+  answer on every door.
 
 Adding a protocol is adding a module with a ``DOOR`` and listing it in ``DOORS``.
 """
@@ -24,10 +25,10 @@ from dataclasses import dataclass
 
 if t.TYPE_CHECKING:
     import bentoml
-    import numpy as np
 
-ClassifyFiles = t.Callable[[list[bytes]], t.Awaitable["np.ndarray"]]
-Install = t.Callable[["bentoml.legacy.Service", ClassifyFiles, "bentoml.Model", list[str]], None]
+    from ..classifier import Classifier
+
+Install = t.Callable[["bentoml.legacy.Service", "Classifier"], None]
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,6 @@ from . import kserve_v2, tfserving  # noqa: E402 (they import ``Door`` from here
 DOORS: tuple[Door, ...] = (tfserving.DOOR, kserve_v2.DOOR)
 
 
-def install(
-    svc: bentoml.legacy.Service, classify_files: ClassifyFiles, bento_model: bentoml.Model, class_names: list[str]
-) -> None:
+def install(svc: bentoml.legacy.Service, classifier: Classifier) -> None:
     for door in DOORS:
-        door.install(svc, classify_files, bento_model, class_names)
+        door.install(svc, classifier)

@@ -45,7 +45,10 @@ from tritonclient.grpc import service_pb2 as pb
 from ..api import image_from_tensor_element, json_value_to_image
 from ..errors import InvalidImage, ModelNotFound, UnsupportedMediaType
 from ..labels import NUM_CLASSES, top_k_indices
-from . import ClassifyFiles, Door
+from . import Door
+
+if t.TYPE_CHECKING:
+    from ..classifier import Classifier
 
 REST_PREFIX = "/v2"
 GRPC_SERVICE = "inference.GRPCInferenceService"
@@ -124,15 +127,14 @@ class ServedModel:
     def __init__(
         self,
         name: str,
-        version: int,
-        classify_files: ClassifyFiles,
-        class_names: list[str],
+        classifier: Classifier,
         ready: t.Callable[[], t.Awaitable[bool]],
     ) -> None:
         self.name = name
-        self.version = str(version)
-        self.classify_files = classify_files
-        self.class_names = class_names
+        self.version = str(classifier.version)
+        self.classify_files = classifier.classify_files
+        self.class_names = classifier.class_names
+        self.platform = f"{classifier.engine.engine}_{classifier.engine.precision}"
         self.ready = ready
 
     def check(self, name: str, version: str = "") -> None:
@@ -145,7 +147,7 @@ class ServedModel:
         return {
             "name": self.name,
             "versions": [self.version],
-            "platform": "bentoml",
+            "platform": self.platform,  # what runs it here, as Triton names its backends
             "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
             "outputs": [
                 {"name": name, "datatype": datatype, "shape": shape}
@@ -431,15 +433,11 @@ def grpc_servicer(model: ServedModel, server_metadata: dict[str, t.Any]) -> type
     return InferenceService
 
 
-def install(
-    svc: bentoml.legacy.Service, classify_files: ClassifyFiles, bento_model: bentoml.Model, class_names: list[str]
-) -> None:
+def install(svc: bentoml.legacy.Service, classifier: Classifier) -> None:
     async def runners_ready() -> bool:
         return all(await asyncio.gather(*(runner.runner_handle_is_ready() for runner in svc.runners)))
 
-    model = ServedModel(
-        svc.name, bento_model.info.metadata["serving_version"], classify_files, class_names, runners_ready
-    )
+    model = ServedModel(svc.name, classifier, runners_ready)
     server_metadata = {"name": "bentoml", "version": bentoml.__version__, "extensions": EXTENSIONS}
     svc.mount_asgi_app(rest_app(model, server_metadata), path=REST_PREFIX)
     svc.add_asgi_middleware(ServerMetadataAtPrefix)

@@ -19,7 +19,7 @@ import types
 import typing as t
 
 from bentoml.exceptions import BadInput, BentoMLException
-from google.protobuf import json_format, wrappers_pb2
+from google.protobuf import json_format, struct_pb2, wrappers_pb2
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -28,12 +28,12 @@ from starlette.routing import Route
 from ..api import image_from_tensor_element, json_value_to_image
 from ..errors import ModelNotFound
 from ..labels import top_k
-from ..weights import kind as weights_kind
-from ..weights import warning as weights_warning
-from . import ClassifyFiles, Door
+from . import Door
 
 if t.TYPE_CHECKING:
     import bentoml
+
+    from ..classifier import Classifier
 
 
 TF_SERVING_MODULES = (
@@ -82,15 +82,14 @@ WARNING_KEY = "x-model-warning"  # gRPC metadata keys are lower case
 class ServedModel:
     """The model as TF Serving clients see it: a name, one integer version, one signature."""
 
-    def __init__(
-        self, name: str, metadata: t.Mapping[str, t.Any], classify_files: ClassifyFiles, class_names: list[str]
-    ) -> None:
+    def __init__(self, name: str, classifier: Classifier) -> None:
         self.name = name
-        self.version: int = metadata["serving_version"]
-        self.weights = weights_kind(metadata)
-        self.warning = weights_warning(metadata)
-        self.classify_files = classify_files
-        self.class_names = class_names
+        self.version = classifier.version
+        self.weights = classifier.weights
+        self.warning = classifier.warning
+        self.engine = classifier.engine_info()
+        self.classify_files = classifier.classify_files
+        self.class_names = classifier.class_names
 
     def check(self, name: str, version: int | None = None, signature: str = "") -> None:
         if name != self.name:
@@ -206,7 +205,7 @@ def metadata_json(model: ServedModel, version: int | None) -> dict[str, t.Any]:
             "signature_name": "",
             "version": str(version if version is not None else model.version),
         },
-        "metadata": {"signature_def": signature_defs, "weights": model.weights},
+        "metadata": {"signature_def": signature_defs, "weights": model.weights, "engine": model.engine},
     }
 
 
@@ -261,6 +260,7 @@ def grpc_servicers(model: ServedModel) -> list[tuple[type, t.Callable[..., None]
             response.model_spec.version.value = model.version
             response.metadata["signature_def"].Pack(model.signature_def_map())
             response.metadata["weights"].Pack(wrappers_pb2.StringValue(value=model.weights))
+            response.metadata["engine"].Pack(json_format.ParseDict(model.engine, struct_pb2.Struct()))
             return response
 
     class ModelService(pb.model_service_pb2_grpc.ModelServiceServicer):
@@ -285,10 +285,8 @@ def grpc_servicers(model: ServedModel) -> list[tuple[type, t.Callable[..., None]
     ]
 
 
-def install(
-    svc: bentoml.legacy.Service, classify_files: ClassifyFiles, bento_model: bentoml.Model, class_names: list[str]
-) -> None:
-    model = ServedModel(svc.name, bento_model.info.metadata, classify_files, class_names)
+def install(svc: bentoml.legacy.Service, classifier: Classifier) -> None:
+    model = ServedModel(svc.name, classifier)
     svc.mount_asgi_app(rest_app(model), path=REST_PREFIX)
     for servicer, add_to_server, names in grpc_servicers(model):
         svc.mount_grpc_servicer(servicer, add_to_server, names)
