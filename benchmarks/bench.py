@@ -182,16 +182,26 @@ def engine_calls() -> dict[str, Callable[[np.ndarray], object]]:
     return calls
 
 
-def engine_table(duration_s: float) -> dict[str, dict[str, Any]]:
+def engine_table(duration_s: float, rounds: int = 3) -> dict[str, dict[str, Any]]:
+    """Each engine at each batch size in ``rounds`` interleaved turns (the median turn), so drift cancels."""
     pixels = np.stack([prepare_image(IMAGE_FILE.read_bytes())] * max(ENGINE_BATCH_SIZES))
-    table: dict[str, dict[str, Any]] = {}
-    for name, call in engine_calls().items():
-        table[name] = {}
-        for batch_size in ENGINE_BATCH_SIZES:
-            batch = pixels[:batch_size]
-            figures = batch_figures(batch_size, timed_calls(lambda: call(batch), duration_s))  # noqa: B023
-            table[name][str(batch_size)] = figures
-            log(f"in-process {name}, batch {batch_size:2d}: {figures['images_per_s']:.1f} img/s")
+    calls = engine_calls()
+    turns: dict[str, dict[str, list[dict[str, Any]]]] = {
+        name: {str(b): [] for b in ENGINE_BATCH_SIZES} for name in calls
+    }
+    for round_number in range(rounds):
+        for name in calls if round_number % 2 == 0 else list(calls)[::-1]:
+            for batch_size in ENGINE_BATCH_SIZES:
+                batch = pixels[:batch_size]
+                latencies = timed_calls(lambda: calls[name](batch), duration_s / rounds)  # noqa: B023
+                turns[name][str(batch_size)].append(batch_figures(batch_size, latencies))
+    table = {
+        name: {size: sorted(rows, key=lambda row: row["images_per_s"])[len(rows) // 2] for size, rows in sizes.items()}
+        for name, sizes in turns.items()
+    }
+    for name, sizes in table.items():
+        figures = ", ".join(f"batch {size} {row['images_per_s']:.1f}" for size, row in sizes.items())
+        log(f"in-process {name}: {figures} images/s")
     return table
 
 

@@ -25,7 +25,8 @@ def test_checks_are_recomputed_from_the_figures() -> None:
 
 def test_table_and_plot(tmp_path: Path) -> None:
     text = bench.table(PUBLISHED)
-    for expected in ("matmul peak", "interleaved, 80 calls", "pipeline, batch 8", "grpc, concurrency 8", "pss_gib"):
+    expected_lines = ("matmul peak", "engines, images/s", "openvino fp32", "pipeline, batch 8", "grpc, concurrency 8")
+    for expected in (*expected_lines, "interleaved, int8", "predict_batch16_vs_pipeline_b16", "pss_gib", "CPU class"):
         assert expected in text
     bench.plot(PUBLISHED, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
