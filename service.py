@@ -30,6 +30,7 @@ from inception_v3.api import (
     requested_top_k,
     to_prediction,
 )
+from inception_v3.availability import runner_reachable
 from inception_v3.errors import InvalidImage
 from inception_v3.preprocessing import ModelInput, read_model_input
 from inception_v3.runner import InceptionV3Runnable, classify_inputs, connect_without_environment, failed
@@ -54,7 +55,8 @@ async def classify(items: list[ModelInput]) -> np.ndarray:
     """Probabilities for every image of a request; every door (BentoML, TF Serving) comes here."""
     if len(items) > settings.max_images_per_request:
         raise InvalidImage(f"{len(items)} images in one request; the limit is {settings.max_images_per_request}")
-    probabilities = await classify_inputs(runner, items)
+    async with runner_reachable():
+        probabilities = await classify_inputs(runner, items)
     if failed(probabilities).any():
         raise InvalidImage("corrupt or truncated JPEG image: it could not be decoded")
     return probabilities

@@ -45,8 +45,10 @@ import grpc
 from bentoml.exceptions import BadInput, BentoMLException, ServiceUnavailable
 from bentoml.grpc.utils import grpc_status_code
 from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2
 
 from .api import requested_top_k
+from .availability import RunnerUnavailable, RunnerWatch
 from .errors import PayloadTooLarge, register_grpc_status_codes
 from .observability import configure_logging, metrics, request_id
 
@@ -61,6 +63,7 @@ Receive = Callable[[], t.Awaitable[Message]]
 Send = Callable[[Message], t.Awaitable[None]]
 BodyRewrite = Callable[[bytes], bytes]
 
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 UNGUARDED_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics", "/docs.json", "/"})
 TF_SERVING_PREFIX = "/v1/"
 DRAIN_POLL_S = 0.05
@@ -95,9 +98,10 @@ def parse_top_k(value: str | None) -> int | None:
 class Admission:
     """``max_concurrency`` requests served at once, ``max_queue`` more waiting, the rest refused."""
 
-    def __init__(self, protocol: str, max_concurrency: int, max_queue: int) -> None:
+    def __init__(self, protocol: str, max_concurrency: int, max_queue: int, runner: RunnerWatch) -> None:
         self.protocol = protocol
         self.max_queue = max_queue
+        self.runner = runner
         self.slots = asyncio.Semaphore(max_concurrency)  # FIFO; binds to the server's loop on first use
         self.running = 0
         self.waiting = 0
@@ -107,6 +111,8 @@ class Admission:
     async def slot(self) -> AsyncIterator[None]:
         if self.draining:
             raise Overloaded("server shutting down: retry on another replica or shortly")
+        if not await self.runner.is_ready():
+            raise RunnerUnavailable()
         if self.slots.locked():
             if self.waiting >= self.max_queue:
                 raise Overloaded(
@@ -129,6 +135,10 @@ class Admission:
             self.running -= 1
             metrics().in_flight.labels(self.protocol).dec()
             self.slots.release()
+
+    async def ready(self) -> bool:
+        """What ``/readyz`` and gRPC health say: not draining, and the runner answers."""
+        return not self.draining and await self.runner.is_ready()
 
     async def drain(self, timeout_s: float) -> None:
         """Refuse new requests; return when none is served or waiting, or after ``timeout_s``."""
@@ -155,6 +165,8 @@ class HttpGuard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
+        if scope["type"] == "http" and path == "/readyz":
+            return await self.readiness(send)
         if scope["type"] != "http" or path in UNGUARDED_PATHS or path.startswith("/static"):
             if path == "/docs.json":
                 send = rewrite_responses(send, lambda start: document_openapi if start["status"] == 200 else None)
@@ -186,6 +198,15 @@ class HttpGuard:
                 raise
             await send({"type": "http.response.start", "status": int(error.error_code), "headers": []})
             await send({"type": "http.response.body", "body": json.dumps({"error": error.message}).encode()})
+
+    async def readiness(self, send: Send) -> None:
+        ready = await self.admission.ready()
+        body = b"\n" if ready else json.dumps({"error": RunnerUnavailable().message}).encode()
+        headers = [(b"content-type", b"text/plain" if ready else b"application/json")]
+        if not ready:
+            headers.append((b"retry-after", str(self.retry_after_s).encode()))
+        await send({"type": "http.response.start", "status": 200 if ready else 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     def limited(self, receive: Receive) -> Receive:
         """Count a body without Content-Length as it arrives; the APIs answer BodyTooLarge with 413."""
@@ -329,6 +350,13 @@ def tolerant(deserialize: Callable[[bytes], t.Any] | None) -> Callable[[bytes], 
     return parse
 
 
+class Aborted:
+    """What a handler that aborted returns: nothing is sent; ``ByteSize`` is for BentoML's access log."""
+
+    def ByteSize(self) -> int:  # noqa: N802 (protobuf's name)
+        return 0
+
+
 class GrpcGuard(grpc.aio.ServerInterceptor):
     def __init__(self, admission: Admission, timeout_s: float, retry_after_s: int) -> None:
         self.admission = admission
@@ -342,9 +370,11 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
     ) -> t.Any:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
+        self.handle_sigterm()
+        if handler is not None and method == HEALTH_CHECK:
+            return handler._replace(unary_unary=self.health_check(handler.unary_unary))
         if handler is None or handler.unary_unary is None or method.startswith("/grpc.health."):
             return handler
-        self.handle_sigterm()
         inner = handler.unary_unary
 
         async def guarded(request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:
@@ -356,6 +386,10 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
                 response = await self.admit(inner, request, context, metadata)
                 failed = False
                 return response
+            except grpc.aio.AbortError:
+                # The status has gone out with the abort; answering normally keeps it in
+                # BentoML's access log, whose interceptor logs any exception as INTERNAL.
+                return Aborted()
             finally:
                 code = context.code()
                 status = code.name if code is not None else ("UNKNOWN" if failed else "OK")
@@ -379,11 +413,22 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
                     return await inner(request, context)
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"not answered within {self.timeout_s} s")
-        except Overloaded as error:
+        except ServiceUnavailable as error:
             context.set_trailing_metadata((("grpc-retry-pushback-ms", str(self.retry_after_s * 1000)),))
             await context.abort(grpc.StatusCode.UNAVAILABLE, error.message)
         except BentoMLException as error:
             await context.abort(grpc_status_code(error), error.message)
+
+    def health_check(self, inner: Callable[..., t.Awaitable[t.Any]]) -> Callable[..., t.Awaitable[t.Any]]:
+        """SERVING only while not draining and the runner answers."""
+
+        async def check(request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:
+            response = await inner(request, context)
+            if response.status == health_pb2.HealthCheckResponse.SERVING and not await self.admission.ready():
+                response.status = health_pb2.HealthCheckResponse.NOT_SERVING
+            return response
+
+        return check
 
     def handle_sigterm(self) -> None:
         """Installed with the first call, in the server's event loop; until then SIGTERM has nothing to drain."""
@@ -408,7 +453,11 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
 def install(svc: bentoml.legacy.Service, settings: Settings) -> None:
     register_grpc_status_codes()
     configure_logging()
-    limits = {"max_concurrency": settings.max_concurrency, "max_queue": settings.max_queue}
+    limits = {
+        "max_concurrency": settings.max_concurrency,
+        "max_queue": settings.max_queue,
+        "runner": RunnerWatch(list(svc.runners)),
+    }
     svc.add_asgi_middleware(
         HttpGuard,
         admission=Admission("http", **limits),
