@@ -16,6 +16,7 @@ import argparse
 import base64
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -26,9 +27,12 @@ from inception_v3.preprocessing import open_image
 from inception_v3.settings import load_settings
 
 MODEL_NAME = "inception_v3"
+API_KEY_ENV = "INCEPTION_V3_API_KEY"
 
 
-def classify_rest(image: bytes, target: str, port: int, timeout_s: float, top_k: int | None) -> dict[str, Any]:
+def classify_rest(
+    image: bytes, target: str, port: int, timeout_s: float, top_k: int | None, api_key: str | None = None
+) -> dict[str, Any]:
     from bentoml.client import SyncHTTPClient
     from bentoml.exceptions import BentoMLException
 
@@ -38,6 +42,7 @@ def classify_rest(image: bytes, target: str, port: int, timeout_s: float, top_k:
     request = {"images": [base64.b64encode(image).decode("ascii")], "top_k": top_k}
     with SyncHTTPClient.from_url(f"http://{target}:{port}") as http_client:
         http_client.client.timeout = timeout_s
+        http_client.client.headers.update(authorization(api_key))
         try:
             (prediction,) = http_client.call("predict_batch", request)["predictions"]
         except BentoMLException as error:  # "Error making request: 400: b'{...}'"
@@ -46,7 +51,9 @@ def classify_rest(image: bytes, target: str, port: int, timeout_s: float, top_k:
     return prediction
 
 
-def classify_grpc(image: bytes, target: str, port: int, timeout_s: float, top_k: int | None) -> dict[str, Any]:
+def classify_grpc(
+    image: bytes, target: str, port: int, timeout_s: float, top_k: int | None, api_key: str | None = None
+) -> dict[str, Any]:
     import grpc
     from bentoml.grpc.v1 import service_pb2, service_pb2_grpc
     from google.protobuf.json_format import MessageToDict
@@ -54,7 +61,8 @@ def classify_grpc(image: bytes, target: str, port: int, timeout_s: float, top_k:
     # BentoML's own gRPC client classes are broken in 1.4 (issue 4683); its stub works.
     with grpc.insecure_channel(f"{target}:{port}") as channel:
         request = service_pb2.Request(api_name="predict", file=service_pb2.File(kind="image/jpeg", content=image))
-        metadata = [("top_k", str(top_k))] if top_k else None
+        metadata = [("top_k", str(top_k))] if top_k else []
+        metadata += [(name.lower(), value) for name, value in authorization(api_key).items()]
         try:
             response = service_pb2_grpc.BentoServiceStub(channel).Call(request, timeout=timeout_s, metadata=metadata)
         except grpc.RpcError as error:
@@ -62,10 +70,11 @@ def classify_grpc(image: bytes, target: str, port: int, timeout_s: float, top_k:
     return MessageToDict(response.json)
 
 
-def metadata_rest(target: str, port: int, timeout_s: float) -> dict[str, Any]:
+def metadata_rest(target: str, port: int, timeout_s: float, api_key: str | None = None) -> dict[str, Any]:
     import httpx
 
-    response = httpx.get(f"http://{target}:{port}/v1/models/{MODEL_NAME}/metadata", timeout=timeout_s)
+    url = f"http://{target}:{port}/v1/models/{MODEL_NAME}/metadata"
+    response = httpx.get(url, timeout=timeout_s, headers=authorization(api_key))
     if response.status_code != 200:
         raise ServiceError(f"HTTP {response.status_code}: {error_message(response.text)}")
     return response.json()
@@ -73,6 +82,10 @@ def metadata_rest(target: str, port: int, timeout_s: float) -> dict[str, Any]:
 
 class ServiceError(Exception):
     pass
+
+
+def authorization(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 def error_message(body: str) -> str:
@@ -98,6 +111,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout_second", "-s", default=5, type=float, help="timeout in seconds")
     parser.add_argument("--top_k", "-k", type=int, help="print the k best labels with their scores")
     parser.add_argument("--metadata", action="store_true", help="print the model's metadata (REST)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"the server's API key, if it asks for one (default: ${API_KEY_ENV})",
+    )
     return parser.parse_args(argv)
 
 
@@ -109,12 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bentoml").setLevel(logging.ERROR)
     try:
         if args.metadata:
-            print(json.dumps(metadata_rest(args.target, port, args.timeout_second), indent=2))
+            print(json.dumps(metadata_rest(args.target, port, args.timeout_second, args.api_key), indent=2))
             return 0
         image = args.image_file.read_bytes()
         open_image(image)  # the service's own checks, before anything is sent
         classify = classify_grpc if args.format == "grpc" else classify_rest
-        prediction = classify(image, args.target, port, args.timeout_second, args.top_k)
+        prediction = classify(image, args.target, port, args.timeout_second, args.top_k, args.api_key)
     except OSError as error:
         print(f"error: {error.strerror or error}: {getattr(error, 'filename', '') or args.image_file}", file=sys.stderr)
         return 2

@@ -48,8 +48,9 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
 from .api import requested_top_k
+from .auth import UNAUTHORIZED, ApiKeys, api_keys
 from .availability import RunnerUnavailable, RunnerWatch
-from .errors import PayloadTooLarge, register_grpc_status_codes
+from .errors import PayloadTooLarge, Unauthenticated, register_grpc_status_codes
 from .observability import configure_logging, metrics, request_id
 
 if t.TYPE_CHECKING:
@@ -67,6 +68,8 @@ HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 UNGUARDED_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics", "/docs.json", "/"})
 TF_SERVING_PREFIX = "/v1/"
 DRAIN_POLL_S = 0.05
+LINGER_BYTES = 256 << 20  # of a refused request's body read and dropped, at most
+LINGER_S = 10
 FLUSH_S = 0.5  # after the last call in flight has answered, for its bytes to leave
 ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
 # What the APIs answer besides BentoML's documented 200, 400, 404 and 500.
@@ -156,8 +159,10 @@ class HttpGuard:
         max_body_bytes: int,
         retry_after_s: int,
         api_paths: frozenset[str],
+        keys: ApiKeys | None,
     ) -> None:
         self.app = app
+        self.keys = keys
         self.admission = admission
         self.max_body_bytes = max_body_bytes
         self.retry_after_s = retry_after_s
@@ -165,6 +170,9 @@ class HttpGuard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
+        if scope["type"] == "http" and self.keys and not self.keys.http_path_open(path):
+            if not self.keys.allows(dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")):
+                return await refuse(Unauthenticated(UNAUTHORIZED), receive, send, [(b"www-authenticate", b"Bearer")])
         if scope["type"] == "http" and path == "/readyz":
             return await self.readiness(send)
         if scope["type"] != "http" or path in UNGUARDED_PATHS or path.startswith("/static"):
@@ -196,8 +204,7 @@ class HttpGuard:
         except BentoMLException as error:  # the guard's own refusals; the APIs answer theirs
             if "status" in answer:
                 raise
-            await send({"type": "http.response.start", "status": int(error.error_code), "headers": []})
-            await send({"type": "http.response.body", "body": json.dumps({"error": error.message}).encode()})
+            await refuse(error, receive, send)
 
     async def readiness(self, send: Send) -> None:
         ready = await self.admission.ready()
@@ -240,6 +247,35 @@ class HttpGuard:
         if path in self.api_paths:
             return path
         return "/v1/models" if path.startswith(TF_SERVING_PREFIX) else "other"
+
+
+async def refuse(
+    error: BentoMLException, receive: Receive, send: Send, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """Answer ``error`` as JSON before the request's body is read, then read and drop the body."""
+    body = json.dumps({"error": error.message}).encode()
+    start_headers = [(b"content-type", b"application/json"), *(headers or [])]
+    await send({"type": "http.response.start", "status": int(error.error_code), "headers": start_headers})
+    await send({"type": "http.response.body", "body": body, "more_body": True})
+    await discard_body(receive)
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def discard_body(receive: Receive) -> None:
+    """Read and drop what the client still sends of a refused request, up to ``LINGER_BYTES`` and ``LINGER_S``.
+
+    A server that closes a connection with unread bytes resets it, and clients that
+    send the whole body before reading (Python's urllib) then see the reset, not the
+    refusal: nginx's lingering close.
+    """
+    discarded = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(LINGER_S):
+            while discarded <= LINGER_BYTES:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    return
+                discarded += len(message.get("body", b""))
 
 
 def rewrite_responses(send: Send, on_start: Callable[[Message], BodyRewrite | None]) -> Send:
@@ -350,6 +386,16 @@ def tolerant(deserialize: Callable[[bytes], t.Any] | None) -> Callable[[bytes], 
     return parse
 
 
+def refused(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The handler with its behaviour, whatever the method's kind, replaced by UNAUTHENTICATED."""
+
+    async def deny(_request: t.Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHORIZED)
+
+    kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
+    return handler._replace(**{kind: deny})
+
+
 class Aborted:
     """What a handler that aborted returns: nothing is sent; ``ByteSize`` is for BentoML's access log."""
 
@@ -358,8 +404,9 @@ class Aborted:
 
 
 class GrpcGuard(grpc.aio.ServerInterceptor):
-    def __init__(self, admission: Admission, timeout_s: float, retry_after_s: int) -> None:
+    def __init__(self, admission: Admission, timeout_s: float, retry_after_s: int, keys: ApiKeys | None) -> None:
         self.admission = admission
+        self.keys = keys
         self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
         self.drain_task: asyncio.Task[None] | None = None
@@ -371,6 +418,9 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         self.handle_sigterm()
+        if handler is not None and self.keys and not self.keys.grpc_method_open(method):
+            if not self.keys.allows(dict(handler_call_details.invocation_metadata or ()).get("authorization")):
+                return refused(handler)
         if handler is not None and method == HEALTH_CHECK:
             return handler._replace(unary_unary=self.health_check(handler.unary_unary))
         if handler is None or handler.unary_unary is None or method.startswith("/grpc.health."):
@@ -458,16 +508,19 @@ def install(svc: bentoml.legacy.Service, settings: Settings) -> None:
         "max_queue": settings.max_queue,
         "runner": RunnerWatch(list(svc.runners)),
     }
+    keys = api_keys(settings.api_keys_file, settings.protect_health_and_metrics)
     svc.add_asgi_middleware(
         HttpGuard,
         admission=Admission("http", **limits),
         max_body_bytes=settings.max_body_bytes,
         retry_after_s=settings.retry_after_s,
         api_paths=frozenset("/" + api.route.lstrip("/") for api in svc.apis.values()),
+        keys=keys,
     )
     svc.add_grpc_interceptor(
         GrpcGuard,
         admission=Admission("grpc", **limits),
         timeout_s=settings.request_timeout_s,
         retry_after_s=settings.retry_after_s,
+        keys=keys,
     )

@@ -40,6 +40,8 @@ class Settings:
     retry_after_s: int
     batch_patience: float
     xla_batch_sizes: tuple[int, ...]
+    api_keys_file: str | None
+    protect_health_and_metrics: bool
     config_file: Path
 
 
@@ -56,6 +58,7 @@ def read_settings(path: Path) -> Settings:
     config = yaml.safe_load(path.read_text())
     api_server = config["api_server"]
     own = config["services"][SERVICE_NAME]
+    auth = own.get("auth") or {}
     return Settings(
         model_tag=os.environ.get("INCEPTION_V3_MODEL_TAG", own["model_tag"]),
         http_host=api_server["http"]["host"],
@@ -74,6 +77,8 @@ def read_settings(path: Path) -> Settings:
         retry_after_s=own["retry_after_s"],
         batch_patience=own["batch_patience"],
         xla_batch_sizes=tuple(own["xla_batch_sizes"]),
+        api_keys_file=auth.get("api_keys_file"),
+        protect_health_and_metrics=bool(auth.get("protect_health_and_metrics")),
         config_file=path,
     )
 
