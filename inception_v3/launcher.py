@@ -41,6 +41,7 @@ import psutil
 
 from . import lineage
 from .settings import PROJECT_ROOT, SERVICE_NAME, Settings, load_settings
+from .tls import ClientTls, grpc_channel, http_url
 
 STOP_TIMEOUT_S = 30
 POLL_S = 0.2
@@ -231,8 +232,11 @@ def serve(bento: str, working_dir: Path) -> int:
     return exit_code
 
 
-def wait_ready(settings: Settings, timeout_s: float, pid: int | None = None) -> bool:
-    """HTTP /readyz and the gRPC health check both say ready (False at once if process ``pid`` is gone)."""
+def wait_ready(settings: Settings, timeout_s: float, pid: int | None = None, tls: ClientTls | None = None) -> bool:
+    """HTTP /readyz and the gRPC health check both say ready (False at once if process ``pid`` is gone).
+
+    ``tls``: how to connect when the servers serve TLS (``api_server.ssl``).
+    """
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -241,12 +245,14 @@ def wait_ready(settings: Settings, timeout_s: float, pid: int | None = None) -> 
     while time.monotonic() < deadline and (pid is None or psutil.pid_exists(pid)):
         if not http_ready:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{settings.http_port}/readyz", timeout=2) as response:
+                url = http_url(f"127.0.0.1:{settings.http_port}", tls) + "/readyz"
+                context = tls.ssl_context() if tls else None
+                with urllib.request.urlopen(url, timeout=2, context=context) as response:
                     http_ready = response.status == 200
             except OSError:
                 pass
         if not grpc_ready:
-            with grpc.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as channel:
+            with grpc_channel(f"127.0.0.1:{settings.grpc_port}", tls) as channel:
                 try:
                     status = health_pb2_grpc.HealthStub(channel).Check(
                         health_pb2.HealthCheckRequest(service="bentoml.grpc.v1.BentoService"), timeout=2
@@ -267,9 +273,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-ready", action="store_true", help="wait until both servers are ready, then exit")
     parser.add_argument("--timeout", type=float, default=180, help="seconds --wait-ready waits")
     parser.add_argument("--pid", type=int, help="with --wait-ready: stop waiting if this process (the launcher) exits")
+    parser.add_argument(
+        "--ca-cert", type=Path, help="with --wait-ready and TLS: the servers' CA (default: ssl.ca_certs)"
+    )
+    parser.add_argument("--cert", type=Path, help="with --wait-ready and mutual TLS: a client certificate")
+    parser.add_argument("--key", type=Path, help="with --wait-ready and mutual TLS: its private key")
     args = parser.parse_args(argv)
     if args.wait_ready:
-        ready = wait_ready(load_settings(), args.timeout, args.pid)
+        settings = load_settings()
+        ca_cert = args.ca_cert or (Path(settings.tls_ca_certs) if settings.tls_ca_certs else None)
+        tls = ClientTls(ca_cert, args.cert, args.key) if settings.tls else None
+        ready = wait_ready(settings, args.timeout, args.pid, tls)
         if ready:
             print("ready")
         elif args.pid and not psutil.pid_exists(args.pid):

@@ -32,6 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inception_v3 import lineage
 from inception_v3.launcher import FAILURE_WINDOW_S, MAX_FAILURES, Piece
 from inception_v3.settings import write_config_on_free_ports
+from inception_v3.tls import ClientTls, grpc_channel, http_url
 from tests.conftest import CAT_JPEG, ROOT, linked_bentoml_home
 
 CAT = CAT_JPEG.read_bytes()
@@ -55,6 +56,7 @@ class Stack:
     grpc: str
     log: Path
     env: dict[str, str]
+    tls: ClientTls | None = None
     cold_start_s: float = float("nan")
 
     def pieces(self) -> dict[str, psutil.Process]:
@@ -74,11 +76,12 @@ class Stack:
 
     def http_ready(self) -> bool:
         with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(f"http://{self.http}/readyz", timeout=2).status_code == 200
+            verify = self.tls.ssl_context() if self.tls else True
+            return httpx.get(http_url(self.http, self.tls) + "/readyz", timeout=2, verify=verify).status_code == 200
         return False
 
     def grpc_ready(self) -> bool:
-        with grpc.insecure_channel(self.grpc) as channel:
+        with grpc_channel(self.grpc, self.tls) as channel:
             request = health_pb2.HealthCheckRequest(service="bentoml.grpc.v1.BentoService")
             with contextlib.suppress(grpc.RpcError):
                 answer = health_pb2_grpc.HealthStub(channel).Check(request, timeout=2)
@@ -95,7 +98,7 @@ class Stack:
         return time.monotonic() - started
 
 
-def start_stack(name: str, overrides: dict | None = None) -> Stack:
+def start_stack(name: str, overrides: dict | None = None, tls: ClientTls | None = None) -> Stack:
     home = linked_bentoml_home(name)
     config_file = write_config_on_free_ports(
         home / "configuration.yaml",
@@ -120,6 +123,7 @@ def start_stack(name: str, overrides: dict | None = None) -> Stack:
         grpc=f"127.0.0.1:{config['api_server']['grpc']['port']}",
         log=log,
         env=env,
+        tls=tls,
     )
 
 

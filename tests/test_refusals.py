@@ -62,7 +62,8 @@ def test_grpc_health_says_not_serving_while_draining_or_without_runner(
 
         guard = GrpcGuard(admission, timeout_s=1, retry_after_s=1, keys=None)
         answer = await guard.health_check(servicer)(health_pb2.HealthCheckRequest(), Context())
-        admission.runner.task.cancel()
+        if admission.runner.task:
+            admission.runner.task.cancel()
         return answer.status
 
     assert asyncio.run(check()) == expected
