@@ -47,6 +47,7 @@ from bentoml.grpc.utils import grpc_status_code
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
+from . import grpc_certificates, http_client_certificates
 from .api import requested_top_k
 from .auth import UNAUTHORIZED, ApiKeys, api_keys
 from .availability import RunnerUnavailable, RunnerWatch
@@ -502,6 +503,8 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
 
 def install(svc: bentoml.legacy.Service, settings: Settings) -> None:
     register_grpc_status_codes()
+    grpc_certificates.install()
+    http_client_certificates.install()
     configure_logging()
     limits = {
         "max_concurrency": settings.max_concurrency,

@@ -19,6 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import request_inception_v3 as client
+from inception_v3 import grpc_certificates
 from inception_v3.launcher import wait_ready
 from inception_v3.settings import load_settings
 from inception_v3.tls import ClientTls, grpc_channel
@@ -128,3 +129,11 @@ def test_mutual_tls_refuses_clients_without_a_certificate_from_its_ca(secured: S
         assert grpc_health(stack.grpc, presented) == "UNAVAILABLE"
     verify = secured.tls.ssl_context()
     assert httpx.get(f"https://{stack.http}/readyz", timeout=10, verify=verify).status_code == 200
+
+
+def test_the_grpc_server_reads_certificates_from_absolute_paths(tmp_path: Path) -> None:
+    from bentoml._internal.server import grpc_app
+
+    grpc_certificates.install()
+    (tmp_path / "server.pem").write_bytes(b"certificate")
+    assert grpc_app.load_from_file(str(tmp_path / "server.pem")) == b"certificate"
