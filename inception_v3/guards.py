@@ -5,9 +5,15 @@ served at once; up to ``max_queue`` more wait for a slot, first come first
 served; any further request is refused at once, 503 with ``Retry-After`` over
 HTTP, UNAVAILABLE with ``grpc-retry-pushback-ms`` over gRPC, so overload sheds
 load quickly instead of queueing without end.
+While the runner does not answer (``availability``) requests are refused the
+same way, and HTTP ``/readyz`` and gRPC health (``Check``) say not ready, as
+they do once a drain has begun. With API keys configured (``auth``), every
+route but health, metrics and the docs needs one first: 401 / UNAUTHENTICATED.
 
 HTTP (an ASGI middleware): bodies over ``max_body_bytes`` get 413 before they
-are read (a chunked body is counted as it arrives); every 4xx/5xx body becomes
+are read (a chunked body is counted as it arrives), and the body of a request
+refused before it was read is then read and dropped, up to a bound, so that
+clients that send it all before reading see the answer; every 4xx/5xx body becomes
 TensorFlow Serving's ``{"error": "..."}``; every response carries an
 ``X-Request-ID`` (the client's, or a new one). ``?top_k=`` is read here. The
 OpenAPI document (``/docs.json``) gets the statuses the service really answers
