@@ -12,8 +12,9 @@ launcher stays in the foreground; SIGTERM or SIGINT stops the API servers first
 configuration file.
 
 A piece that dies (any signal, SIGKILL included) is restarted alone, after a
-backoff that doubles from ``RESTART_DELAYS_S``; the others go on serving (the
-API servers answer 503 while the runner is away, ``inception_v3.availability``).
+backoff that doubles from ``FIRST_RESTART_DELAY_S`` up to ``MAX_RESTART_DELAY_S``;
+the others go on serving (the API servers answer 503 while the runner is away,
+``inception_v3.availability``).
 More than ``MAX_FAILURES`` deaths within ``FAILURE_WINDOW_S`` and the launcher
 gives up: it stops everything and exits 1. No process outlives its piece or the
 launcher (``inception_v3.lineage``): a dead piece's workers are killed before it
@@ -45,7 +46,7 @@ from .tls import ClientTls, grpc_channel, http_url
 
 STOP_TIMEOUT_S = 30
 POLL_S = 0.2
-RESTART_DELAYS_S = 0.5  # then 1, 2, 4, 8 s for further deaths within the window
+FIRST_RESTART_DELAY_S = 0.5  # doubled for each further death within the window
 MAX_RESTART_DELAY_S = 8.0
 MAX_FAILURES = 5
 FAILURE_WINDOW_S = 60.0
@@ -111,7 +112,7 @@ class Piece:
             self.deaths.popleft()
         if len(self.deaths) > MAX_FAILURES:
             return None
-        return min(RESTART_DELAYS_S * 2 ** (len(self.deaths) - 1), MAX_RESTART_DELAY_S)
+        return min(FIRST_RESTART_DELAY_S * 2 ** (len(self.deaths) - 1), MAX_RESTART_DELAY_S)
 
 
 def stop(pieces: dict[str, Piece]) -> None:
