@@ -5,6 +5,7 @@ project's client sends the key."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -19,9 +20,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import request_inception_v3 as client
 from inception_v3.auth import ApiKeys
+from inception_v3.availability import RunnerWatch
+from inception_v3.guards import Admission, HttpGuard
 from inception_v3.tfserving import pb as tfs
 from tests.conftest import CAT_JPEG, WORK_DIR, split_address
 from tests.test_faults import Stack, start_stack, stop_stack
+from tests.test_refusals import Runner
 
 CAT = CAT_JPEG.read_bytes()
 KEY, OTHER_KEY, NEW_KEY = "k-" + "a" * 40, "k-" + "b" * 40, "k-" + "c" * 40
@@ -175,3 +179,28 @@ def test_keys_rotate_without_a_restart(stack: Stack) -> None:
         write_keys(KEYS_FILE, KEY)
     log = stack.log.read_text()
     assert all(key not in log for key in (KEY, OTHER_KEY, NEW_KEY))
+
+
+@pytest.mark.parametrize("protect", [False, True])
+def test_health_needs_a_key_when_protected(tmp_path: Path, protect: bool) -> None:
+    """The HTTP guard in front of a stand-in app: /readyz without a key."""
+    write_keys(tmp_path / "keys", KEY)
+    keys = ApiKeys(tmp_path / "keys", protect_health_and_metrics=protect)
+    guard = HttpGuard(
+        lambda *_: None, Admission("http", 1, 1, RunnerWatch([Runner(True)])), 1, 1, frozenset(), keys=keys
+    )
+    sent: list[dict] = []
+
+    async def call() -> None:
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await guard({"type": "http", "path": "/readyz", "headers": []}, receive, send)
+        if guard.admission.runner.task:
+            guard.admission.runner.task.cancel()
+
+    asyncio.run(call())
+    assert sent[0]["status"] == (401 if protect else 200)
