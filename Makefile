@@ -47,7 +47,7 @@ model: setup
 serve: model stop
 	@mkdir -p $(RUN_DIR)
 	nohup $(PY) -m inception_v3.launcher > $(RUN_DIR)/serve.log 2>&1 & echo $$! > $(RUN_DIR)/serve.pid
-	@$(PY) -m inception_v3.launcher --wait-ready --timeout 180 || { tail -n 30 $(RUN_DIR)/serve.log; $(MAKE) --no-print-directory stop; exit 1; }
+	@$(PY) -m inception_v3.launcher --wait-ready --timeout 180 --pid $$(cat $(RUN_DIR)/serve.pid) || { tail -n 30 $(RUN_DIR)/serve.log; $(MAKE) --no-print-directory stop; exit 1; }
 	@echo "HTTP  http://localhost:8501  (Swagger UI at /, TF Serving REST at /v1/models/inception_v3, Open Inference at /v2)"
 	@echo "gRPC  localhost:8500         (bentoml.grpc.v1.BentoService, tensorflow.serving.PredictionService, inference.GRPCInferenceService)"
 	@echo "logs  $(RUN_DIR)/serve.log; stop with: make stop"

@@ -3,8 +3,8 @@
     python -m client.request_inception_v3 --image_file ./cat.jpg --format grpc   # or rest
     python -m client.request_inception_v3 --metadata
 
-REST goes through BentoML's Python HTTP client (``/predict_batch``, the file as
-base64 JSON like the reference's REST request), gRPC through
+REST posts to ``/predict_batch`` (the file as base64 JSON like the reference's
+REST request), gRPC goes through
 BentoML's gRPC protocol (``bentoml.grpc.v1.BentoService/Call``). It prints the
 label; ``--top_k N`` prints N labels with their scores. Errors are one line on
 stderr and a non-zero exit code.
@@ -16,6 +16,7 @@ import argparse
 import base64
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -24,37 +25,46 @@ from typing import Any
 from inception_v3.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
 from inception_v3.preprocessing import open_image
 from inception_v3.settings import load_settings
+from inception_v3.tls import ClientTls, grpc_channel, http_url
 
 MODEL_NAME = "inception_v3"
+API_KEY_ENV = "INCEPTION_V3_API_KEY"
 
 
-def classify_rest(image: bytes, target: str, port: int, timeout_s: float, top_k: int | None) -> dict[str, Any]:
-    from bentoml.client import SyncHTTPClient
-    from bentoml.exceptions import BentoMLException
-
+def classify_rest(
+    image: bytes,
+    target: str,
+    port: int,
+    timeout_s: float,
+    top_k: int | None,
+    api_key: str | None = None,
+    tls: ClientTls | None = None,
+) -> dict[str, Any]:
     # The file goes as base64 JSON to `predict_batch`, as the reference's REST client
-    # sends it: BentoML's client would re-encode an image given to `predict`, so the
-    # server would not see the bytes gRPC and TF Serving clients send.
+    # sends it, so the server sees the bytes gRPC and TF Serving clients send.
     request = {"images": [base64.b64encode(image).decode("ascii")], "top_k": top_k}
-    with SyncHTTPClient.from_url(f"http://{target}:{port}") as http_client:
-        http_client.client.timeout = timeout_s
-        try:
-            (prediction,) = http_client.call("predict_batch", request)["predictions"]
-        except BentoMLException as error:  # "Error making request: 400: b'{...}'"
-            status, _, body = str(error).removeprefix("Error making request: ").partition(": ")
-            raise ServiceError(f"HTTP {status}: {error_message(body.removeprefix('b').strip(chr(39)))}") from None
+    (prediction,) = rest_call("POST", "/predict_batch", target, port, timeout_s, api_key, tls, request)["predictions"]
     return prediction
 
 
-def classify_grpc(image: bytes, target: str, port: int, timeout_s: float, top_k: int | None) -> dict[str, Any]:
+def classify_grpc(
+    image: bytes,
+    target: str,
+    port: int,
+    timeout_s: float,
+    top_k: int | None,
+    api_key: str | None = None,
+    tls: ClientTls | None = None,
+) -> dict[str, Any]:
     import grpc
     from bentoml.grpc.v1 import service_pb2, service_pb2_grpc
     from google.protobuf.json_format import MessageToDict
 
     # BentoML's own gRPC client classes are broken in 1.4 (issue 4683); its stub works.
-    with grpc.insecure_channel(f"{target}:{port}") as channel:
+    with grpc_channel(f"{target}:{port}", tls) as channel:
         request = service_pb2.Request(api_name="predict", file=service_pb2.File(kind="image/jpeg", content=image))
-        metadata = [("top_k", str(top_k))] if top_k else None
+        metadata = [("top_k", str(top_k))] if top_k else []
+        metadata += [(name.lower(), value) for name, value in authorization(api_key).items()]
         try:
             response = service_pb2_grpc.BentoServiceStub(channel).Call(request, timeout=timeout_s, metadata=metadata)
         except grpc.RpcError as error:
@@ -62,10 +72,32 @@ def classify_grpc(image: bytes, target: str, port: int, timeout_s: float, top_k:
     return MessageToDict(response.json)
 
 
-def metadata_rest(target: str, port: int, timeout_s: float) -> dict[str, Any]:
+def metadata_rest(
+    target: str, port: int, timeout_s: float, api_key: str | None = None, tls: ClientTls | None = None
+) -> dict[str, Any]:
+    return rest_call("GET", f"/v1/models/{MODEL_NAME}/metadata", target, port, timeout_s, api_key, tls)
+
+
+def rest_call(
+    method: str,
+    path: str,
+    target: str,
+    port: int,
+    timeout_s: float,
+    api_key: str | None,
+    tls: ClientTls | None,
+    body: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     import httpx
 
-    response = httpx.get(f"http://{target}:{port}/v1/models/{MODEL_NAME}/metadata", timeout=timeout_s)
+    response = httpx.request(
+        method,
+        http_url(f"{target}:{port}", tls) + path,
+        json=body,
+        headers=authorization(api_key),
+        timeout=timeout_s,
+        verify=tls.ssl_context() if tls else True,
+    )
     if response.status_code != 200:
         raise ServiceError(f"HTTP {response.status_code}: {error_message(response.text)}")
     return response.json()
@@ -73,6 +105,10 @@ def metadata_rest(target: str, port: int, timeout_s: float) -> dict[str, Any]:
 
 class ServiceError(Exception):
     pass
+
+
+def authorization(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 def error_message(body: str) -> str:
@@ -98,6 +134,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout_second", "-s", default=5, type=float, help="timeout in seconds")
     parser.add_argument("--top_k", "-k", type=int, help="print the k best labels with their scores")
     parser.add_argument("--metadata", action="store_true", help="print the model's metadata (REST)")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS (the server's api_server.ssl is set)")
+    parser.add_argument("--ca-cert", type=Path, help="with --tls: the CA that signed the server's certificate")
+    parser.add_argument("--cert", type=Path, help="with --tls: this client's certificate, for mutual TLS")
+    parser.add_argument("--key", type=Path, help="with --tls: this client's private key, for mutual TLS")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"the server's API key, if it asks for one (default: ${API_KEY_ENV})",
+    )
     return parser.parse_args(argv)
 
 
@@ -105,16 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_settings()
     port = args.port or (settings.grpc_port if args.format == "grpc" and not args.metadata else settings.http_port)
+    tls = ClientTls(args.ca_cert, args.cert, args.key) if args.tls else None
     warnings.filterwarnings("ignore")
     logging.getLogger("bentoml").setLevel(logging.ERROR)
     try:
         if args.metadata:
-            print(json.dumps(metadata_rest(args.target, port, args.timeout_second), indent=2))
+            print(json.dumps(metadata_rest(args.target, port, args.timeout_second, args.api_key, tls), indent=2))
             return 0
         image = args.image_file.read_bytes()
         open_image(image)  # the service's own checks, before anything is sent
         classify = classify_grpc if args.format == "grpc" else classify_rest
-        prediction = classify(image, args.target, port, args.timeout_second, args.top_k)
+        prediction = classify(image, args.target, port, args.timeout_second, args.top_k, args.api_key, tls)
     except OSError as error:
         print(f"error: {error.strerror or error}: {getattr(error, 'filename', '') or args.image_file}", file=sys.stderr)
         return 2

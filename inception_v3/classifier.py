@@ -19,6 +19,7 @@ import numpy as np
 
 from . import engines, weights
 from .api import Prediction, requested_top_k, to_prediction
+from .availability import runner_reachable
 from .errors import InvalidImage
 from .preprocessing import read_image
 from .settings import Settings
@@ -49,7 +50,8 @@ class Classifier:
     async def classify(self, images: list[np.ndarray]) -> np.ndarray:
         """(n, 1000) probabilities for decoded images; they share one runner batch."""
         self.check_count(len(images))
-        return await self.runner.classify.async_run(np.stack(images))
+        async with runner_reachable():
+            return await self.runner.classify.async_run(np.stack(images))
 
     async def classify_files(self, files: list[bytes]) -> np.ndarray:
         self.check_count(len(files))  # before decoding any of them

@@ -28,6 +28,10 @@ class ModelNotFound(BentoMLException):
     error_code = HTTPStatus.NOT_FOUND
 
 
+class Unauthenticated(BentoMLException):
+    error_code = HTTPStatus.UNAUTHORIZED
+
+
 def register_grpc_status_codes() -> None:
     import grpc
     from bentoml.grpc.utils import http_status_to_grpc_status_map

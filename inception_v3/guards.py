@@ -5,9 +5,15 @@ served at once; up to ``max_queue`` more wait for a slot, first come first
 served; any further request is refused at once, 503 with ``Retry-After`` over
 HTTP, UNAVAILABLE with ``grpc-retry-pushback-ms`` over gRPC, so overload sheds
 load quickly instead of queueing without end.
+While the runner does not answer (``availability``) requests are refused the
+same way, and HTTP ``/readyz`` and gRPC health (``Check``) say not ready, as
+they do once a drain has begun. With API keys configured (``auth``), every
+route but health, metrics and the docs needs one first: 401 / UNAUTHENTICATED.
 
 HTTP (an ASGI middleware): bodies over ``max_body_bytes`` get 413 before they
-are read (a chunked body is counted as it arrives); every 4xx/5xx body becomes
+are read (a chunked body is counted as it arrives), and the body of a request
+refused before it was read is then read and dropped, up to a bound, so that
+clients that send it all before reading see the answer; every 4xx/5xx body becomes
 TensorFlow Serving's ``{"error": "..."}``; every response carries an
 ``X-Request-ID`` (the client's, or a new one). ``?top_k=`` is read here. The
 OpenAPI document (``/docs.json``) gets the statuses the service really answers
@@ -45,9 +51,13 @@ import grpc
 from bentoml.exceptions import BadInput, BentoMLException, ServiceUnavailable
 from bentoml.grpc.utils import grpc_status_code
 from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2
 
+from . import grpc_certificates, http_client_certificates
 from .api import requested_top_k
-from .errors import PayloadTooLarge, register_grpc_status_codes
+from .auth import UNAUTHORIZED, ApiKeys, api_keys
+from .availability import RunnerUnavailable, RunnerWatch
+from .errors import PayloadTooLarge, Unauthenticated, register_grpc_status_codes
 from .observability import configure_logging, metrics, request_id
 from .protocols import DOORS
 
@@ -62,11 +72,14 @@ Receive = Callable[[], t.Awaitable[Message]]
 Send = Callable[[Message], t.Awaitable[None]]
 BodyRewrite = Callable[[bytes], bytes]
 
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 UNGUARDED_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics", "/docs.json", "/"}).union(
     *(door.health_paths for door in DOORS)
 )
 UNGUARDED_METHODS = frozenset().union(*(door.health_methods for door in DOORS))
 DRAIN_POLL_S = 0.05
+LINGER_BYTES = 256 << 20  # of a refused request's body read and dropped, at most
+LINGER_S = 10
 FLUSH_S = 0.5  # after the last call in flight has answered, for its bytes to leave
 ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
 # What the APIs answer besides BentoML's documented 200, 400, 404 and 500.
@@ -98,9 +111,10 @@ def parse_top_k(value: str | None) -> int | None:
 class Admission:
     """``max_concurrency`` requests served at once, ``max_queue`` more waiting, the rest refused."""
 
-    def __init__(self, protocol: str, max_concurrency: int, max_queue: int) -> None:
+    def __init__(self, protocol: str, max_concurrency: int, max_queue: int, runner: RunnerWatch) -> None:
         self.protocol = protocol
         self.max_queue = max_queue
+        self.runner = runner
         self.slots = asyncio.Semaphore(max_concurrency)  # FIFO; binds to the server's loop on first use
         self.running = 0
         self.waiting = 0
@@ -110,6 +124,8 @@ class Admission:
     async def slot(self) -> AsyncIterator[None]:
         if self.draining:
             raise Overloaded("server shutting down: retry on another replica or shortly")
+        if not await self.runner.is_ready():
+            raise RunnerUnavailable()
         if self.slots.locked():
             if self.waiting >= self.max_queue:
                 raise Overloaded(
@@ -133,6 +149,10 @@ class Admission:
             metrics().in_flight.labels(self.protocol).dec()
             self.slots.release()
 
+    async def ready(self) -> bool:
+        """What ``/readyz`` and gRPC health say: not draining, and the runner answers."""
+        return not self.draining and await self.runner.is_ready()
+
     async def drain(self, timeout_s: float) -> None:
         """Refuse new requests; return when none is served or waiting, or after ``timeout_s``."""
         self.draining = True
@@ -150,22 +170,26 @@ class HttpGuard:
         retry_after_s: int,
         api_paths: frozenset[str],
         ready_note: str | None,
+        keys: ApiKeys | None,
     ) -> None:
         self.app = app
+        self.keys = keys
         self.admission = admission
         self.max_body_bytes = max_body_bytes
         self.retry_after_s = retry_after_s
         self.api_paths = api_paths
-        ready_body = f"ready; {ready_note}\n".encode()
-        self.ready_rewrite: BodyRewrite | None = (lambda _body: ready_body) if ready_note else None
+        self.ready_body = f"ready; {ready_note}\n".encode() if ready_note else b"\n"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
+        if scope["type"] == "http" and self.keys and not self.keys.http_path_open(path):
+            if not self.keys.allows(dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")):
+                return await refuse(Unauthenticated(UNAUTHORIZED), receive, send, [(b"www-authenticate", b"Bearer")])
+        if scope["type"] == "http" and path == "/readyz":
+            return await self.readiness(send)
         if scope["type"] != "http" or path in UNGUARDED_PATHS or path.startswith("/static"):
             if path == "/docs.json":
                 send = rewrite_responses(send, lambda start: document_openapi if start["status"] == 200 else None)
-            if path == "/readyz" and (say_ready := self.ready_rewrite):
-                send = rewrite_responses(send, lambda start: say_ready if start["status"] == 200 else None)
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
@@ -192,8 +216,16 @@ class HttpGuard:
         except BentoMLException as error:  # the guard's own refusals; the APIs answer theirs
             if "status" in answer:
                 raise
-            await send({"type": "http.response.start", "status": int(error.error_code), "headers": []})
-            await send({"type": "http.response.body", "body": json.dumps({"error": error.message}).encode()})
+            await refuse(error, receive, send)
+
+    async def readiness(self, send: Send) -> None:
+        ready = await self.admission.ready()
+        body = self.ready_body if ready else json.dumps({"error": RunnerUnavailable().message}).encode()
+        headers = [(b"content-type", b"text/plain" if ready else b"application/json")]
+        if not ready:
+            headers.append((b"retry-after", str(self.retry_after_s).encode()))
+        await send({"type": "http.response.start", "status": 200 if ready else 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     def limited(self, receive: Receive) -> Receive:
         """Count a body without Content-Length as it arrives; the APIs answer BodyTooLarge with 413."""
@@ -227,6 +259,35 @@ class HttpGuard:
         if path in self.api_paths:
             return path
         return next((door.metrics_endpoint for door in DOORS if door.serves(path)), "other")
+
+
+async def refuse(
+    error: BentoMLException, receive: Receive, send: Send, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """Answer ``error`` as JSON before the request's body is read, then read and drop the body."""
+    body = json.dumps({"error": error.message}).encode()
+    start_headers = [(b"content-type", b"application/json"), *(headers or [])]
+    await send({"type": "http.response.start", "status": int(error.error_code), "headers": start_headers})
+    await send({"type": "http.response.body", "body": body, "more_body": True})
+    await discard_body(receive)
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def discard_body(receive: Receive) -> None:
+    """Read and drop what the client still sends of a refused request, up to ``LINGER_BYTES`` and ``LINGER_S``.
+
+    A server that closes a connection with unread bytes resets it, and clients that
+    send the whole body before reading (Python's urllib) then see the reset, not the
+    refusal: nginx's lingering close.
+    """
+    discarded = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(LINGER_S):
+            while discarded <= LINGER_BYTES:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    return
+                discarded += len(message.get("body", b""))
 
 
 def rewrite_responses(send: Send, on_start: Callable[[Message], BodyRewrite | None]) -> Send:
@@ -337,9 +398,27 @@ def tolerant(deserialize: Callable[[bytes], t.Any] | None) -> Callable[[bytes], 
     return parse
 
 
+def refused(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The handler with its behaviour, whatever the method's kind, replaced by UNAUTHENTICATED."""
+
+    async def deny(_request: t.Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHORIZED)
+
+    kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
+    return handler._replace(**{kind: deny})
+
+
+class Aborted:
+    """What a handler that aborted returns: nothing is sent; ``ByteSize`` is for BentoML's access log."""
+
+    def ByteSize(self) -> int:  # noqa: N802 (protobuf's name)
+        return 0
+
+
 class GrpcGuard(grpc.aio.ServerInterceptor):
-    def __init__(self, admission: Admission, timeout_s: float, retry_after_s: int) -> None:
+    def __init__(self, admission: Admission, timeout_s: float, retry_after_s: int, keys: ApiKeys | None) -> None:
         self.admission = admission
+        self.keys = keys
         self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
         self.drain_task: asyncio.Task[None] | None = None
@@ -350,6 +429,12 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
     ) -> t.Any:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
+        self.handle_sigterm()
+        if handler is not None and self.keys and not self.keys.grpc_method_open(method):
+            if not self.keys.allows(dict(handler_call_details.invocation_metadata or ()).get("authorization")):
+                return refused(handler)
+        if handler is not None and method == HEALTH_CHECK:
+            return handler._replace(unary_unary=self.health_check(handler.unary_unary))
         if (
             handler is None
             or handler.unary_unary is None
@@ -357,7 +442,6 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
             or method in UNGUARDED_METHODS
         ):
             return handler
-        self.handle_sigterm()
         inner = handler.unary_unary
 
         async def guarded(request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:
@@ -369,6 +453,10 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
                 response = await self.admit(inner, request, context, metadata)
                 failed = False
                 return response
+            except grpc.aio.AbortError:
+                # The status has gone out with the abort; answering normally keeps it in
+                # BentoML's access log, whose interceptor logs any exception as INTERNAL.
+                return Aborted()
             finally:
                 code = context.code()
                 status = code.name if code is not None else ("UNKNOWN" if failed else "OK")
@@ -392,11 +480,22 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
                     return await inner(request, context)
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"not answered within {self.timeout_s} s")
-        except Overloaded as error:
+        except ServiceUnavailable as error:
             context.set_trailing_metadata((("grpc-retry-pushback-ms", str(self.retry_after_s * 1000)),))
             await context.abort(grpc.StatusCode.UNAVAILABLE, error.message)
         except BentoMLException as error:
             await context.abort(grpc_status_code(error), error.message)
+
+    def health_check(self, inner: Callable[..., t.Awaitable[t.Any]]) -> Callable[..., t.Awaitable[t.Any]]:
+        """SERVING only while not draining and the runner answers."""
+
+        async def check(request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:
+            response = await inner(request, context)
+            if response.status == health_pb2.HealthCheckResponse.SERVING and not await self.admission.ready():
+                response.status = health_pb2.HealthCheckResponse.NOT_SERVING
+            return response
+
+        return check
 
     def handle_sigterm(self) -> None:
         """Installed with the first call, in the server's event loop; until then SIGTERM has nothing to drain."""
@@ -421,8 +520,15 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
 def install(svc: bentoml.legacy.Service, settings: Settings, ready_note: str | None = None) -> None:
     """``ready_note``: what ``/readyz`` says besides "ready" (the warning for random weights)."""
     register_grpc_status_codes()
+    grpc_certificates.install()
+    http_client_certificates.install()
     configure_logging()
-    limits = {"max_concurrency": settings.max_concurrency, "max_queue": settings.max_queue}
+    limits = {
+        "max_concurrency": settings.max_concurrency,
+        "max_queue": settings.max_queue,
+        "runner": RunnerWatch(list(svc.runners)),
+    }
+    keys = api_keys(settings.api_keys_file, settings.protect_health_and_metrics)
     svc.add_asgi_middleware(
         HttpGuard,
         admission=Admission("http", **limits),
@@ -430,10 +536,12 @@ def install(svc: bentoml.legacy.Service, settings: Settings, ready_note: str | N
         retry_after_s=settings.retry_after_s,
         api_paths=frozenset("/" + api.route.lstrip("/") for api in svc.apis.values()),
         ready_note=ready_note,
+        keys=keys,
     )
     svc.add_grpc_interceptor(
         GrpcGuard,
         admission=Admission("grpc", **limits),
         timeout_s=settings.request_timeout_s,
         retry_after_s=settings.retry_after_s,
+        keys=keys,
     )

@@ -1,20 +1,35 @@
 """Serve HTTP and gRPC from one model in memory: one runner server, two API servers.
 
     python -m inception_v3.launcher [--bento service:svc] [--working-dir .]
-    python -m inception_v3.launcher --wait-ready [--timeout 120]
+    python -m inception_v3.launcher --wait-ready [--timeout 120] [--pid PID]
 
 ``bentoml serve`` and ``bentoml serve-grpc`` each start a runner of their own
 (two copies of TensorFlow and the model). This starts BentoML's distributed
 pieces instead, as a cluster would: ``start-runner-server`` on ``runner_port``,
 and ``start-http-server`` and ``start-grpc-server`` that both call it. The
 launcher stays in the foreground; SIGTERM or SIGINT stops the API servers first
-(they drain in-flight requests), then the runner; if any piece dies, it stops
-the others and exits non-zero. Ports come from the configuration file.
+(they drain in-flight requests), then the runner. Ports come from the
+configuration file.
+
+A piece that dies (any signal, SIGKILL included) is restarted alone, after a
+backoff that doubles from ``FIRST_RESTART_DELAY_S`` up to ``MAX_RESTART_DELAY_S``;
+the others go on serving (the API servers answer 503 while the runner is away,
+``inception_v3.availability``).
+More than ``MAX_FAILURES`` deaths within ``FAILURE_WINDOW_S`` and the launcher
+gives up: it stops everything and exits 1. No process outlives its piece or the
+launcher (``inception_v3.lineage``): a dead piece's workers are killed before it
+is restarted; each piece dies with the launcher (PR_SET_PDEATHSIG) and a
+watchdog kills their workers; at start, what a crashed run left in this working
+directory is killed, and a configured port another process holds is named with
+its pid.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
+import functools
 import os
 import signal
 import subprocess
@@ -25,9 +40,16 @@ from pathlib import Path
 
 import psutil
 
+from . import lineage
 from .settings import PROJECT_ROOT, SERVICE_NAME, Settings, load_settings
+from .tls import ClientTls, grpc_channel, http_url
 
 STOP_TIMEOUT_S = 30
+POLL_S = 0.2
+FIRST_RESTART_DELAY_S = 0.5  # doubled for each further death within the window
+MAX_RESTART_DELAY_S = 8.0
+MAX_FAILURES = 5
+FAILURE_WINDOW_S = 60.0
 
 
 def server_commands(bento: str, working_dir: Path, settings: Settings) -> dict[str, list[str]]:
@@ -64,11 +86,39 @@ def server_commands(bento: str, working_dir: Path, settings: Settings) -> dict[s
     }
 
 
-def stop(processes: dict[str, subprocess.Popen[bytes]]) -> None:
+@dataclasses.dataclass
+class Piece:
+    name: str
+    command: list[str]
+    mark: str  # lineage.MARK of its processes
+    process: subprocess.Popen[bytes] | None = None
+    deaths: collections.deque[float] = dataclasses.field(default_factory=collections.deque)
+    restart_at: float | None = None
+
+    def start(self, env: dict[str, str], working_dir: Path) -> None:
+        self.process = subprocess.Popen(
+            self.command,
+            env={**env, lineage.MARK: self.mark},
+            cwd=working_dir,
+            process_group=0,  # Ctrl-C reaches the launcher only, which stops the pieces in order
+            preexec_fn=functools.partial(lineage.die_with_parent, os.getpid()),
+        )
+        self.restart_at = None
+
+    def died(self, now: float) -> float | None:
+        """Record a death; the delay before the restart, or None: too many deaths, give up."""
+        self.deaths.append(now)
+        while self.deaths and now - self.deaths[0] > FAILURE_WINDOW_S:
+            self.deaths.popleft()
+        if len(self.deaths) > MAX_FAILURES:
+            return None
+        return min(FIRST_RESTART_DELAY_S * 2 ** (len(self.deaths) - 1), MAX_RESTART_DELAY_S)
+
+
+def stop(pieces: dict[str, Piece]) -> None:
     """API servers first, so they finish what they hold while the runner still answers."""
     for group in (("http", "grpc"), ("runner",)):
-        members = [processes[name] for name in group if name in processes]
-        trees = {p.pid: descendants(p.pid) for p in members}
+        members = [pieces[name].process for name in group if name in pieces and pieces[name].process]
         for process in members:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -79,10 +129,9 @@ def stop(processes: dict[str, subprocess.Popen[bytes]]) -> None:
             except subprocess.TimeoutExpired:
                 process.kill()
         # Workers live in process groups of their own; none may outlive the stop.
-        for tree in trees.values():
-            _gone, alive = psutil.wait_procs(tree, timeout=5)
-            for leftover in alive:
-                leftover.kill()
+        for name in group:
+            if name in pieces:
+                lineage.kill_marked(pieces[name].mark)
 
 
 def wait_for_workers(process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
@@ -104,10 +153,60 @@ def descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
+def clear_leftovers(working_dir: Path, settings: Settings) -> str | None:
+    """Kill what a crashed run left here; a message if a configured port is still held."""
+    for process in lineage.stale_leftovers(working_dir):
+        print(f"killing pid {process.pid} left by a previous run: {' '.join(process.cmdline())}", flush=True)
+        process.kill()
+    ports = [settings.http_port, settings.grpc_port, settings.grpc_metrics_port, settings.runner_port]
+    deadline = time.monotonic() + 5
+    while (holders := lineage.port_holders(ports)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if not holders:
+        return None
+    return "; ".join(
+        f"port {port} is held by "
+        + (f"pid {holder.pid} ({' '.join(holder.cmdline())})" if holder else "a process of another user")
+        for port, holder in sorted(holders.items())
+    )
+
+
+def supervise(piece: Piece, env: dict[str, str], working_dir: Path) -> bool:
+    """Restart a dead piece when its backoff is over; False: it died too often, give up."""
+    now = time.monotonic()
+    if piece.restart_at is not None:
+        if now >= piece.restart_at:
+            print(f"restarting {piece.name}", flush=True)
+            piece.start(env, working_dir)
+        return True
+    code = piece.process.poll()
+    if code is None:
+        return True
+    killed = lineage.kill_marked(piece.mark)
+    delay = piece.died(now)
+    what = f"{piece.name} exited ({code})" + (f", its leftover processes {killed} killed" if killed else "")
+    outcome = "giving up" if delay is None else f"restarting it in {delay:.1f} s"
+    print(f"{what}, {len(piece.deaths)} times in {FAILURE_WINDOW_S:.0f} s; {outcome}", file=sys.stderr, flush=True)
+    if delay is None:
+        return False
+    piece.restart_at = now + delay
+    return True
+
+
 def serve(bento: str, working_dir: Path) -> int:
     settings = load_settings()
+    os.environ.pop(lineage.MARK, None)
+    held = clear_leftovers(working_dir, settings)
+    if held:
+        print(f"cannot serve: {held}", file=sys.stderr, flush=True)
+        return 1
+    me = lineage.identity(psutil.Process())
+    lineage.start_watchdog(f"{me}:")
     env = {**os.environ, "BENTOML_CONFIG": str(settings.config_file)}
-    processes: dict[str, subprocess.Popen[bytes]] = {}
+    pieces = {
+        name: Piece(name, command, mark=f"{me}:{name}")
+        for name, command in server_commands(bento, working_dir, settings).items()
+    }
     stopping = False
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -116,9 +215,9 @@ def serve(bento: str, working_dir: Path) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    for name, command in server_commands(bento, working_dir, settings).items():
-        processes[name] = subprocess.Popen(command, env=env, cwd=working_dir)
-        wait_for_workers(processes[name])
+    for piece in pieces.values():
+        piece.start(env, working_dir)
+        wait_for_workers(piece.process)
     print(
         f"serving {bento}: HTTP on :{settings.http_port}, gRPC on :{settings.grpc_port}, "
         f"shared runner on 127.0.0.1:{settings.runner_port} (launcher pid {os.getpid()})",
@@ -126,32 +225,35 @@ def serve(bento: str, working_dir: Path) -> int:
     )
     exit_code = 0
     while not stopping:
-        dead = {name: p.returncode for name, p in processes.items() if p.poll() is not None}
-        if dead:
-            print(f"stopping: {dead} exited", file=sys.stderr, flush=True)
+        if not all(supervise(piece, env, working_dir) for piece in pieces.values()):
             exit_code = 1
             break
-        time.sleep(0.5)
-    stop(processes)
+        time.sleep(POLL_S)
+    stop(pieces)
     return exit_code
 
 
-def wait_ready(settings: Settings, timeout_s: float) -> bool:
-    """HTTP /readyz and the gRPC health check both say ready."""
+def wait_ready(settings: Settings, timeout_s: float, pid: int | None = None, tls: ClientTls | None = None) -> bool:
+    """HTTP /readyz and the gRPC health check both say ready (False at once if process ``pid`` is gone).
+
+    ``tls``: how to connect when the servers serve TLS (``api_server.ssl``).
+    """
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout_s
     http_ready = grpc_ready = False
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (pid is None or psutil.pid_exists(pid)):
         if not http_ready:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{settings.http_port}/readyz", timeout=2) as response:
+                url = http_url(f"127.0.0.1:{settings.http_port}", tls) + "/readyz"
+                context = tls.ssl_context() if tls else None
+                with urllib.request.urlopen(url, timeout=2, context=context) as response:
                     http_ready = response.status == 200
             except OSError:
                 pass
         if not grpc_ready:
-            with grpc.insecure_channel(f"127.0.0.1:{settings.grpc_port}") as channel:
+            with grpc_channel(f"127.0.0.1:{settings.grpc_port}", tls) as channel:
                 try:
                     status = health_pb2_grpc.HealthStub(channel).Check(
                         health_pb2.HealthCheckRequest(service="bentoml.grpc.v1.BentoService"), timeout=2
@@ -171,10 +273,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--working-dir", type=Path, default=PROJECT_ROOT)
     parser.add_argument("--wait-ready", action="store_true", help="wait until both servers are ready, then exit")
     parser.add_argument("--timeout", type=float, default=180, help="seconds --wait-ready waits")
+    parser.add_argument("--pid", type=int, help="with --wait-ready: stop waiting if this process (the launcher) exits")
+    parser.add_argument(
+        "--ca-cert", type=Path, help="with --wait-ready and TLS: the servers' CA (default: ssl.ca_certs)"
+    )
+    parser.add_argument("--cert", type=Path, help="with --wait-ready and mutual TLS: a client certificate")
+    parser.add_argument("--key", type=Path, help="with --wait-ready and mutual TLS: its private key")
     args = parser.parse_args(argv)
     if args.wait_ready:
-        ready = wait_ready(load_settings(), args.timeout)
-        print("ready" if ready else f"not ready after {args.timeout:.0f} s", file=sys.stdout if ready else sys.stderr)
+        settings = load_settings()
+        ca_cert = args.ca_cert or (Path(settings.tls_ca_certs) if settings.tls_ca_certs else None)
+        tls = ClientTls(ca_cert, args.cert, args.key) if settings.tls else None
+        ready = wait_ready(settings, args.timeout, args.pid, tls)
+        if ready:
+            print("ready")
+        elif args.pid and not psutil.pid_exists(args.pid):
+            print(f"the launcher (pid {args.pid}) exited", file=sys.stderr)
+        else:
+            print(f"not ready after {args.timeout:.0f} s", file=sys.stderr)
         return 0 if ready else 1
     return serve(args.bento, args.working_dir.resolve())
 

@@ -40,6 +40,8 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 
 # Loggers whose "Exception on <api>" records carry client errors (4xx) as tracebacks.
 BENTOML_API_LOGGERS = ("bentoml._internal.server.http_app", "bentoml._internal.server.grpc.servicer.v1")
+# Answers the client caused, or that tell it to retry (the runner restarting): no traceback.
+QUIET_STATUSES = {*range(400, 500), HTTPStatus.SERVICE_UNAVAILABLE}
 DURATION_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -115,13 +117,14 @@ class RequestIdFilter(logging.Filter):
 
 
 class ClientErrorFilter(logging.Filter):
-    """BentoML's ERROR-with-traceback for a 4xx answer becomes one INFO line with the reason."""
+    """BentoML's ERROR-with-traceback for a 4xx or 503 answer becomes one INFO line with the reason."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, BentoMLException) and error.error_code < HTTPStatus.INTERNAL_SERVER_ERROR:
+        if isinstance(error, BentoMLException) and error.error_code in QUIET_STATUSES:
             where = record.getMessage().removeprefix("Exception on ")
-            record.msg = f"client error on {where}: {int(error.error_code)} {error.message}"
+            kind = "client error" if error.error_code < HTTPStatus.INTERNAL_SERVER_ERROR else "unavailable"
+            record.msg = f"{kind} on {where}: {int(error.error_code)} {error.message}"
             record.args = None
             record.exc_info = record.exc_text = None
             record.levelno, record.levelname = logging.INFO, "INFO"

@@ -44,6 +44,10 @@ class Settings:
     engine: str
     precision: str
     xla_batch_sizes: tuple[int, ...]
+    api_keys_file: str | None
+    protect_health_and_metrics: bool
+    tls: bool  # api_server.ssl.enabled: both doors serve TLS only
+    tls_ca_certs: str | None  # api_server.ssl.ca_certs: the CA of client certificates (mutual TLS)
     config_file: Path
 
 
@@ -60,6 +64,8 @@ def read_settings(path: Path) -> Settings:
     config = yaml.safe_load(path.read_text())
     api_server = config["api_server"]
     own = config["services"][SERVICE_NAME]
+    auth = own.get("auth") or {}
+    tls = api_server.get("ssl") or {}
     return Settings(
         model_tag=os.environ.get("INCEPTION_V3_MODEL_TAG", own["model_tag"]),
         http_host=api_server["http"]["host"],
@@ -80,6 +86,10 @@ def read_settings(path: Path) -> Settings:
         engine=own["engine"],
         precision=own["precision"],
         xla_batch_sizes=tuple(own["xla_batch_sizes"]),
+        api_keys_file=auth.get("api_keys_file"),
+        protect_health_and_metrics=bool(auth.get("protect_health_and_metrics")),
+        tls=bool(tls.get("enabled")),
+        tls_ca_certs=tls.get("ca_certs"),
         config_file=path,
     )
 
