@@ -19,7 +19,7 @@ import bentoml
 import numpy as np
 from bentoml.io import JSON
 
-from inception_v3 import batching, guards, tfserving
+from inception_v3 import batching, grpc_metrics, guards, tfserving
 from inception_v3.api import (
     BatchPrediction,
     BatchRequest,
@@ -91,5 +91,6 @@ async def predict_batch(request: BatchRequest) -> BatchPrediction:
     return BatchPrediction(predictions=predictions(probabilities, request.top_k))
 
 
+grpc_metrics.install()
 guards.install(svc, settings)
 tfserving.install(svc, classify_files, bento_model, class_names)
