@@ -33,8 +33,9 @@ from inception_v3.api import (
 from inception_v3.errors import InvalidImage
 from inception_v3.preprocessing import ModelInput, read_model_input
 from inception_v3.runner import InceptionV3Runnable, classify_inputs, connect_without_environment, failed
-from inception_v3.settings import SERVICE_NAME, load_settings
+from inception_v3.settings import SERVICE_NAME, load_settings, use_project_config_by_default
 
+use_project_config_by_default()
 settings = load_settings()
 bento_model = bentoml.models.get(settings.model_tag)
 class_names: list[str] = bento_model.custom_objects["class_names"]
