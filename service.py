@@ -19,7 +19,7 @@ import bentoml
 import numpy as np
 from bentoml.io import JSON
 
-from inception_v3 import batching, grpc_metrics, guards, tfserving
+from inception_v3 import batching, grpc_metrics, guards, openapi, tfserving
 from inception_v3.api import (
     BatchPrediction,
     BatchRequest,
@@ -94,4 +94,5 @@ async def predict_batch(request: BatchRequest) -> BatchPrediction:
 
 grpc_metrics.install()
 guards.install(svc, settings)
+openapi.install(svc, bento_model)
 tfserving.install(svc, classify_files, bento_model, class_names)
