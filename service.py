@@ -19,7 +19,7 @@ import bentoml
 import numpy as np
 from bentoml.io import JSON
 
-from inception_v3 import batching, grpc_metrics, guards, openapi, tfserving
+from inception_v3 import batching, client_schema, grpc_metrics, guards, openapi, tfserving
 from inception_v3.api import (
     BatchPrediction,
     BatchRequest,
@@ -95,4 +95,5 @@ async def predict_batch(request: BatchRequest) -> BatchPrediction:
 grpc_metrics.install()
 guards.install(svc, settings)
 openapi.install(svc, bento_model)
+client_schema.install(svc)
 tfserving.install(svc, classify_files, bento_model, class_names)
