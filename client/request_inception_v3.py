@@ -1,13 +1,15 @@
 """Classify an image with the Inception v3 service, the reference client's way.
 
     python -m client.request_inception_v3 --image_file ./cat.jpg --format grpc   # or rest
-    python -m client.request_inception_v3 --metadata
+    python -m client.request_inception_v3 --metadata [--format rest]
 
 REST goes through BentoML's Python HTTP client (``/predict_batch``, the file as
 base64 JSON like the reference's REST request), gRPC through
 BentoML's gRPC protocol (``bentoml.grpc.v1.BentoService/Call``). It prints the
-label; ``--top_k N`` prints N labels with their scores. Errors are one line on
-stderr and a non-zero exit code.
+label; ``--top_k N`` prints N labels with their scores. ``--metadata`` prints
+TF Serving's model metadata, the same JSON over either protocol (gRPC
+``PredictionService/GetModelMetadata``, REST ``/v1/models/inception_v3/metadata``).
+Errors are one line on stderr and a non-zero exit code.
 """
 
 from __future__ import annotations
@@ -71,6 +73,27 @@ def metadata_rest(target: str, port: int, timeout_s: float) -> dict[str, Any]:
     return response.json()
 
 
+def metadata_grpc(target: str, port: int, timeout_s: float) -> dict[str, Any]:
+    import grpc
+
+    from inception_v3.tfserving import pb, proto_to_json
+
+    request = pb.get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    request.model_spec.name = MODEL_NAME
+    with grpc.insecure_channel(f"{target}:{port}") as channel:
+        stub = pb.prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        try:
+            response = stub.GetModelMetadata(request, timeout=timeout_s)
+        except grpc.RpcError as error:
+            raise ServiceError(f"gRPC {error.code().name}: {error.details()}") from None
+    signature_defs = pb.get_model_metadata_pb2.SignatureDefMap()
+    response.metadata["signature_def"].Unpack(signature_defs)
+    return {
+        "model_spec": proto_to_json(response.model_spec),
+        "metadata": {"signature_def": proto_to_json(signature_defs)},
+    }
+
+
 class ServiceError(Exception):
     pass
 
@@ -97,19 +120,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", "-p", type=int, help="server port (default: 8500 for gRPC, 8501 for REST)")
     parser.add_argument("--timeout_second", "-s", default=5, type=float, help="timeout in seconds")
     parser.add_argument("--top_k", "-k", type=int, help="print the k best labels with their scores")
-    parser.add_argument("--metadata", action="store_true", help="print the model's metadata (REST)")
+    parser.add_argument("--metadata", action="store_true", help="print the model's TF Serving metadata")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_settings()
-    port = args.port or (settings.grpc_port if args.format == "grpc" and not args.metadata else settings.http_port)
+    port = args.port or (settings.grpc_port if args.format == "grpc" else settings.http_port)
     warnings.filterwarnings("ignore")
     logging.getLogger("bentoml").setLevel(logging.ERROR)
     try:
         if args.metadata:
-            print(json.dumps(metadata_rest(args.target, port, args.timeout_second), indent=2))
+            metadata = metadata_grpc if args.format == "grpc" else metadata_rest
+            print(json.dumps(metadata(args.target, port, args.timeout_second), indent=2))
             return 0
         image = args.image_file.read_bytes()
         open_image(image)  # the service's own checks, before anything is sent
