@@ -7,13 +7,19 @@ and any other path answered 500. ``install()``, run where the service is loaded
 (``bentoml serve-grpc`` and ``start-grpc-server`` load it before they start
 their workers), makes both start this module instead, which runs BentoML's
 metrics server with a middleware that answers ``/`` and ``/metrics`` and
-gives 404 elsewhere.
+gives 404 elsewhere. The server starts with ``python -m`` in whatever
+directory ``serve-grpc`` ran from, so the folder holding this package goes on
+its ``PYTHONPATH``; and ``serve-grpc`` (unlike ``start-grpc-server``) starts it
+without the ``PROMETHEUS_MULTIPROC_DIR`` its API workers write to, so even
+``/`` answered 500 there: it is set to BentoML's folder.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import typing as t
+from pathlib import Path
 
 METRICS_PATHS = frozenset({"/", "/metrics"})
 
@@ -48,10 +54,17 @@ def install() -> None:
 
     for module in (bentoml.serving, bentoml.start):
         module.SCRIPT_GRPC_PROMETHEUS_SERVER = __name__
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if package_parent not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([package_parent, *paths])
 
 
 if __name__ == "__main__":
+    from bentoml._internal.configuration.containers import BentoMLContainer
     from bentoml_cli.worker import grpc_prometheus_server
+
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", BentoMLContainer.prometheus_multiproc_dir.get())
 
     grpc_prometheus_server.GenerateLatestMiddleware = MetricsAtBothPaths
     grpc_prometheus_server.main()

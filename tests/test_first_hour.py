@@ -27,7 +27,7 @@ import yaml
 
 from client import request_inception_v3 as client
 from inception_v3.settings import load_settings, write_config_on_free_ports
-from tests.conftest import CAT_JPEG, ROOT, linked_bentoml_home, split_address
+from tests.conftest import CAT_JPEG, ROOT, TEST_CONFIG, linked_bentoml_home, split_address
 
 pytestmark = pytest.mark.servers
 
@@ -239,6 +239,13 @@ def test_grpc_server_metrics_at_the_metrics_path(served: Served) -> None:
     assert 'inception_v3_requests_total{endpoint="/bentoml.grpc.v1.BentoService/Call"' in response.text
     assert httpx.get(f"http://{served.grpc_metrics}/").status_code == 200
     assert httpx.get(f"http://{served.grpc_metrics}/other").status_code == 404
+
+
+def test_serve_grpc_metrics_at_the_metrics_path(grpc_address: str) -> None:
+    """``bentoml serve-grpc`` starts its metrics server elsewhere in BentoML than the launcher does."""
+    metrics_port = yaml.safe_load(TEST_CONFIG.read_text())["api_server"]["grpc"]["metrics"]["port"]
+    response = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics")
+    assert response.status_code == 200 and "bentoml_" in response.text, response.text
 
 
 PROBED_PATHS = [
