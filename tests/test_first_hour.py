@@ -246,6 +246,8 @@ def test_serve_grpc_metrics_at_the_metrics_path(grpc_address: str) -> None:
     metrics_port = yaml.safe_load(TEST_CONFIG.read_text())["api_server"]["grpc"]["metrics"]["port"]
     response = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics")
     assert response.status_code == 200 and "bentoml_" in response.text, response.text
+    statuses = {path: httpx.get(f"http://127.0.0.1:{metrics_port}{path}").status_code for path in PROBED_PATHS}
+    assert max(statuses.values()) < 500, statuses
 
 
 PROBED_PATHS = [
@@ -300,8 +302,7 @@ def test_bentoml_serve_uses_the_project_configuration_by_default(saved_model: st
     real one names 8501, where a ``make serve`` may run): BentoML alone would serve on
     :3000 with a worker per core."""
     project = tmp_path / "project"
-    shutil.copytree(ROOT / "inception_v3", project / "inception_v3", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "service.py", project)
+    shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(".*", "__pycache__", "bentoml_home", "build"))
     config = yaml.safe_load(write_config_on_free_ports(project / "configuration.yaml").read_text())
     http_port = config["api_server"]["http"]["port"]
     env = {k: v for k, v in os.environ.items() if k != "BENTOML_CONFIG"}
