@@ -16,12 +16,13 @@ import bentoml
 import numpy as np
 from bentoml.io import JSON
 
-from inception_v3 import batching, guards, protocols
+from inception_v3 import batching, client_schema, grpc_metrics, guards, openapi, protocols
 from inception_v3.api import BatchPrediction, BatchRequest, ImageUpload, JsonInput, Prediction, decode_base64_image
 from inception_v3.classifier import Classifier
 from inception_v3.runner import InceptionV3Runnable, connect_without_environment, runnable_init_params
-from inception_v3.settings import SERVICE_NAME, load_settings
+from inception_v3.settings import SERVICE_NAME, load_settings, use_project_config_by_default
 
+use_project_config_by_default()
 settings = load_settings()
 bento_model = bentoml.models.get(settings.model_tag)
 
@@ -59,5 +60,8 @@ async def predict_batch(request: BatchRequest) -> BatchPrediction:
     return BatchPrediction(predictions=classifier.predictions(probabilities, request.top_k))
 
 
+grpc_metrics.install()
 guards.install(svc, settings, ready_note=classifier.warning)
 protocols.install(svc, classifier)
+openapi.install(svc, bento_model)
+client_schema.install(svc)

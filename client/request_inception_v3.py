@@ -1,13 +1,15 @@
 """Classify an image with the Inception v3 service, the reference client's way.
 
     python -m client.request_inception_v3 --image_file ./cat.jpg --format grpc   # or rest
-    python -m client.request_inception_v3 --metadata
+    python -m client.request_inception_v3 --metadata [--format rest]
 
 REST posts to ``/predict_batch`` (the file as base64 JSON like the reference's
 REST request), gRPC goes through
 BentoML's gRPC protocol (``bentoml.grpc.v1.BentoService/Call``). It prints the
-label; ``--top_k N`` prints N labels with their scores. Errors are one line on
-stderr and a non-zero exit code.
+label; ``--top_k N`` prints N labels with their scores. ``--metadata`` prints
+TF Serving's model metadata, the same JSON over either protocol (gRPC
+``PredictionService/GetModelMetadata``, REST ``/v1/models/inception_v3/metadata``).
+Errors are one line on stderr and a non-zero exit code.
 """
 
 from __future__ import annotations
@@ -103,6 +105,42 @@ def rest_call(
     return response.json()
 
 
+def metadata_grpc(
+    target: str, port: int, timeout_s: float, api_key: str | None = None, tls: ClientTls | None = None
+) -> dict[str, Any]:
+    """TF Serving's ``GetModelMetadata``, as the same JSON ``metadata_rest`` prints."""
+    import grpc
+    from google.protobuf import json_format, struct_pb2, wrappers_pb2
+
+    from inception_v3.protocols.tfserving import pb, proto_to_json
+
+    request = pb.get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    request.model_spec.name = MODEL_NAME
+    metadata = [(name.lower(), value) for name, value in authorization(api_key).items()]
+    with grpc_channel(f"{target}:{port}", tls) as channel:
+        stub = pb.prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        try:
+            response = stub.GetModelMetadata(request, timeout=timeout_s, metadata=metadata)
+        except grpc.RpcError as error:
+            raise ServiceError(f"gRPC {error.code().name}: {error.details()}") from None
+    signature_defs, weights, engine = (
+        pb.get_model_metadata_pb2.SignatureDefMap(),
+        wrappers_pb2.StringValue(),
+        struct_pb2.Struct(),
+    )
+    response.metadata["signature_def"].Unpack(signature_defs)
+    response.metadata["weights"].Unpack(weights)
+    response.metadata["engine"].Unpack(engine)
+    return {
+        "model_spec": proto_to_json(response.model_spec),
+        "metadata": {
+            "signature_def": proto_to_json(signature_defs),
+            "weights": weights.value,
+            "engine": json_format.MessageToDict(engine),
+        },
+    }
+
+
 class ServiceError(Exception):
     pass
 
@@ -133,7 +171,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", "-p", type=int, help="server port (default: 8500 for gRPC, 8501 for REST)")
     parser.add_argument("--timeout_second", "-s", default=5, type=float, help="timeout in seconds")
     parser.add_argument("--top_k", "-k", type=int, help="print the k best labels with their scores")
-    parser.add_argument("--metadata", action="store_true", help="print the model's metadata (REST)")
+    parser.add_argument("--metadata", action="store_true", help="print the model's TF Serving metadata")
     parser.add_argument("--tls", action="store_true", help="connect with TLS (the server's api_server.ssl is set)")
     parser.add_argument("--ca-cert", type=Path, help="with --tls: the CA that signed the server's certificate")
     parser.add_argument("--cert", type=Path, help="with --tls: this client's certificate, for mutual TLS")
@@ -149,13 +187,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_settings()
-    port = args.port or (settings.grpc_port if args.format == "grpc" and not args.metadata else settings.http_port)
+    port = args.port or (settings.grpc_port if args.format == "grpc" else settings.http_port)
     tls = ClientTls(args.ca_cert, args.cert, args.key) if args.tls else None
     warnings.filterwarnings("ignore")
     logging.getLogger("bentoml").setLevel(logging.ERROR)
     try:
         if args.metadata:
-            print(json.dumps(metadata_rest(args.target, port, args.timeout_second, args.api_key, tls), indent=2))
+            metadata = metadata_grpc if args.format == "grpc" else metadata_rest
+            print(json.dumps(metadata(args.target, port, args.timeout_second, args.api_key, tls), indent=2))
             return 0
         image = args.image_file.read_bytes()
         open_image(image)  # the service's own checks, before anything is sent

@@ -55,6 +55,21 @@ def config_file() -> Path:
     return Path(os.environ.get("BENTOML_CONFIG", DEFAULT_CONFIG_FILE))
 
 
+def use_project_config_by_default() -> None:
+    """Without ``BENTOML_CONFIG``, serve with ``configuration.yaml``, not BentoML's defaults (:3000, a worker per core).
+
+    BentoML reads its configuration when it is imported, before it loads the
+    service, so it is read again here. ``bentoml serve`` looks up ports and
+    workers after loading the service, and its workers inherit the variable.
+    ``bentoml serve-grpc`` fixed its defaults before: it needs the variable set.
+    """
+    if "BENTOML_CONFIG" not in os.environ:
+        import bentoml
+
+        os.environ["BENTOML_CONFIG"] = str(DEFAULT_CONFIG_FILE)
+        bentoml.load_config(str(DEFAULT_CONFIG_FILE))
+
+
 @functools.cache
 def load_settings() -> Settings:
     return read_settings(config_file())

@@ -22,7 +22,7 @@ from client import request_inception_v3 as client
 from inception_v3.auth import ApiKeys
 from inception_v3.availability import RunnerWatch
 from inception_v3.guards import Admission, HttpGuard
-from inception_v3.tfserving import pb as tfs
+from inception_v3.protocols.tfserving import pb as tfs
 from tests.conftest import CAT_JPEG, WORK_DIR, split_address
 from tests.test_faults import Stack, start_stack, stop_stack
 from tests.test_refusals import Runner

@@ -25,6 +25,11 @@ OPERATIONS = [
     ("GET", "/metrics"),
     ("POST", "/predict"),
     ("POST", "/predict_batch"),
+    *(
+        (method, prefix + suffix)
+        for prefix in ("/v1/models/{model_name}", "/v1/models/{model_name}/versions/{version}")
+        for method, suffix in (("POST", ":predict"), ("GET", "/metadata"), ("GET", ""))
+    ),
 ]
 
 
@@ -139,7 +144,7 @@ def test_document_lists_the_services_operations(served_schema: schemathesis.Base
 
 
 CASES = [(method, path, GenerationMode.POSITIVE) for method, path in OPERATIONS] + [
-    # Only the APIs take input that can break the schema.
+    # Only what takes a body can break the schema.
     (method, path, GenerationMode.NEGATIVE)
     for method, path in OPERATIONS
     if method == "POST"

@@ -1,6 +1,8 @@
 """The Swagger UI at ``/``, driven in headless Chromium (Debian's ``chromium``, installed
-by ``make browser-deps``) as a person would: it documents ``predict`` with its
-example answer; uploading ``cat.jpg`` there shows the in-process label."""
+by ``make browser-deps``) as a person would: its header names the service and its
+version, with no broken image; it documents ``predict`` with its example answer and
+the TF Serving routes; uploading ``cat.jpg`` there, as the preselected
+``image/jpeg``, shows the in-process label."""
 
 from __future__ import annotations
 
@@ -66,6 +68,21 @@ def page(http_address: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             context.close()
 
 
+def test_header_names_the_service_and_its_version(page: Page, saved_model: str) -> None:
+    info = page.locator(".information-container .info")
+    assert "inception_v3" in info.locator(".title").inner_text()
+    version = info.locator(".title .version").first.inner_text()
+    assert saved_model in version and "None" not in version
+    assert "ImageNet Inception v3" in info.inner_text()
+    broken = page.evaluate("Array.from(document.images).filter(i => !i.complete || !i.naturalWidth).map(i => i.src)")
+    assert broken == []
+
+
+def test_tf_serving_routes_are_listed(page: Page) -> None:
+    section = page.locator("#operations-tag-TensorFlow_Serving_REST").locator("xpath=..")
+    assert "/v1/models/{model_name}:predict" in section.inner_text()
+
+
 def test_predict_is_documented_with_its_example_answer(page: Page) -> None:
     operation = page.locator(PREDICT)
     operation.locator(".opblock-summary").click()
@@ -82,8 +99,7 @@ def test_upload_shows_the_label(
     if not operation.locator("button.try-out__btn").is_visible():
         operation.locator(".opblock-summary").click()
     operation.locator("button.try-out__btn").click()
-    # The preselected request type changes from start to start: pick it.
-    operation.locator(".opblock-section-request-body select").select_option("image/jpeg")
+    assert operation.locator(".opblock-section-request-body select").input_value() == "image/jpeg"
     operation.locator("input[type=file]").set_input_files(str(CAT_JPEG))
     operation.locator("button.execute").click()
     status = operation.locator(".live-responses-table tr.response td.response-col_status")

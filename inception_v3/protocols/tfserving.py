@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from .. import openapi
 from ..api import image_from_tensor_element, json_value_to_image
 from ..errors import ModelNotFound
 from ..labels import top_k
@@ -285,9 +286,62 @@ def grpc_servicers(model: ServedModel) -> list[tuple[type, t.Callable[..., None]
     ]
 
 
+def openapi_protocol() -> openapi.Protocol:
+    """The REST door's routes, with and without ``/versions/N``, for the OpenAPI document."""
+    images = {
+        "description": 'base64 image files (URL-safe or standard alphabet), or {"b64": ...} objects',
+        "type": "array",
+        "items": {"anyOf": [{"type": "string"}, {"type": "object", "properties": {"b64": {"type": "string"}}}]},
+    }
+    predict_request = {
+        "type": "object",
+        "properties": {
+            "inputs": {"type": "object", "properties": {INPUT_NAME: images}, "example": {INPUT_NAME: ["/9j/4AAQ..."]}},
+            "instances": images,
+            "signature_name": {"type": "string", "example": SIGNATURE_NAME},
+        },
+        "example": {"inputs": {INPUT_NAME: ["/9j/4AAQ..."]}},
+    }
+    labels = {"type": "array", "items": {"type": "string"}, "example": ["Siamese cat"]}
+    predict_response = {
+        "type": "object",
+        "description": '"outputs" for a request with "inputs", "predictions" for one with "instances"',
+        "properties": {"outputs": labels, "predictions": labels},
+    }
+    routes: list[openapi.Route] = []
+    for prefix in ("/v1/models/{model_name}", "/v1/models/{model_name}/versions/{version}"):
+        routes += [
+            openapi.Route("post", f"{prefix}:predict", "top-1 labels", predict_response, predict_request),
+            openapi.Route(
+                "get",
+                f"{prefix}/metadata",
+                "the model's signature",
+                {"type": "object", "required": ["model_spec", "metadata"]},
+                errors=(404, 503, 504),
+            ),
+            openapi.Route(
+                "get",
+                prefix,
+                "the model's status",
+                {"type": "object", "required": ["model_version_status"]},
+                errors=(404, 503, 504),
+            ),
+        ]
+    return openapi.Protocol(
+        name="TensorFlow Serving REST",
+        description="TensorFlow Serving's REST API at `/v1/models/inception_v3`, as its clients send it",
+        routes=tuple(routes),
+        path_parameters={
+            "model_name": {"description": "the served model: inception_v3", "schema": {"type": "string"}},
+            "version": {"description": "the model's version (save_model.py records it)", "schema": {"type": "integer"}},
+        },
+    )
+
+
 def install(svc: bentoml.legacy.Service, classifier: Classifier) -> None:
     model = ServedModel(svc.name, classifier)
     svc.mount_asgi_app(rest_app(model), path=REST_PREFIX)
+    openapi.declare(openapi_protocol())
     for servicer, add_to_server, names in grpc_servicers(model):
         svc.mount_grpc_servicer(servicer, add_to_server, names)
 
