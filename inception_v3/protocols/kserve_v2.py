@@ -42,6 +42,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from tritonclient.grpc import service_pb2 as pb
 
+from .. import openapi
 from ..api import image_from_tensor_element, json_value_to_image
 from ..errors import InvalidImage, ModelNotFound, UnsupportedMediaType
 from ..labels import NUM_CLASSES, top_k_indices
@@ -433,6 +434,108 @@ def grpc_servicer(model: ServedModel, server_metadata: dict[str, t.Any]) -> type
     return InferenceService
 
 
+# The routes' JSON shapes, for the OpenAPI document (``openapi.declare``).
+TENSOR_METADATA_SCHEMA = {
+    "type": "object",
+    "required": ["name", "datatype", "shape"],
+    "properties": {
+        "name": {"type": "string"},
+        "datatype": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer"}},
+    },
+}
+INFER_REQUEST_SCHEMA = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "parameters": {"type": "object"},
+        "inputs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name", "shape", "datatype", "data"],
+                "properties": {
+                    "name": {"type": "string", "example": INPUT_NAME},
+                    "shape": {"type": "array", "items": {"type": "integer"}, "example": [1]},
+                    "datatype": {"type": "string", "example": "BYTES"},
+                    "parameters": {"type": "object"},
+                    "data": {"type": "array", "description": 'base64 image files, or {"b64": ...} objects'},
+                },
+            },
+        },
+        "outputs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
+            },
+        },
+    },
+}
+INFER_RESPONSE_SCHEMA = {
+    "type": "object",
+    "required": ["model_name", "outputs"],
+    "properties": {
+        "model_name": {"type": "string"},
+        "model_version": {"type": "string"},
+        "id": {"type": "string"},
+        "outputs": {"type": "array", "items": TENSOR_METADATA_SCHEMA},
+    },
+}
+MODEL_METADATA_SCHEMA = {
+    "type": "object",
+    "required": ["name", "platform", "inputs", "outputs"],
+    "properties": {
+        "name": {"type": "string"},
+        "versions": {"type": "array", "items": {"type": "string"}},
+        "platform": {"type": "string"},
+        "inputs": {"type": "array", "items": TENSOR_METADATA_SCHEMA},
+        "outputs": {"type": "array", "items": TENSOR_METADATA_SCHEMA},
+    },
+}
+
+
+def openapi_protocol() -> openapi.Protocol:
+    """The REST routes, with and without ``/versions/N``, for the OpenAPI document (JSON bodies only)."""
+    probe = (400,)  # not ready: 4xx, as the protocol says
+    routes = [
+        openapi.Route("get", REST_PREFIX, "server metadata", {"type": "object", "required": ["name", "extensions"]}),
+        openapi.Route(
+            "get", f"{REST_PREFIX}/health/live", "live", {"type": "object", "required": ["live"]}, errors=probe
+        ),
+        openapi.Route(
+            "get", f"{REST_PREFIX}/health/ready", "ready", {"type": "object", "required": ["ready"]}, errors=probe
+        ),
+    ]
+    for model in (
+        f"{REST_PREFIX}/models/{{model_name}}",
+        f"{REST_PREFIX}/models/{{model_name}}/versions/{{model_version}}",
+    ):
+        routes += [
+            openapi.Route("get", model, "model metadata", MODEL_METADATA_SCHEMA, errors=(404, 503, 504)),
+            openapi.Route(
+                "get",
+                f"{model}/ready",
+                "model ready",
+                {"type": "object", "required": ["name", "ready"]},
+                errors=(400, 404, 503, 504),
+            ),
+            openapi.Route("post", f"{model}/infer", "inference", INFER_RESPONSE_SCHEMA, INFER_REQUEST_SCHEMA),
+        ]
+    return openapi.Protocol(
+        name="Open Inference Protocol (KServe v2)",
+        description="the Open Inference Protocol at `/v2` (Triton's and KServe's clients); "
+        "binary tensor data works too, beside the JSON documented here",
+        routes=tuple(routes),
+        path_parameters={
+            "model_name": {"description": "the served model: inception_v3", "schema": {"type": "string"}},
+            "model_version": {"description": "the model's version", "schema": {"type": "string"}},
+        },
+    )
+
+
 def install(svc: bentoml.legacy.Service, classifier: Classifier) -> None:
     async def runners_ready() -> bool:
         return all(await asyncio.gather(*(runner.runner_handle_is_ready() for runner in svc.runners)))
@@ -442,6 +545,7 @@ def install(svc: bentoml.legacy.Service, classifier: Classifier) -> None:
     svc.mount_asgi_app(rest_app(model, server_metadata), path=REST_PREFIX)
     svc.add_asgi_middleware(ServerMetadataAtPrefix)
     svc.mount_grpc_servicer(grpc_servicer(model, server_metadata), add_to_server, [GRPC_SERVICE])
+    openapi.declare(openapi_protocol())
 
 
 DOOR = Door(
