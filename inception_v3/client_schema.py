@@ -22,7 +22,7 @@ from bentoml.io import Image
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from .guards import Receive, Scope, Send
+from .asgi import Receive, Scope, Send
 
 if t.TYPE_CHECKING:
     import bentoml

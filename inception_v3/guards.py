@@ -55,6 +55,7 @@ from grpc_health.v1 import health_pb2
 
 from . import grpc_certificates, http_client_certificates
 from .api import requested_top_k
+from .asgi import ERROR_SCHEMA, BodyRewrite, Message, Receive, Scope, Send, rewrite_responses
 from .auth import UNAUTHORIZED, ApiKeys, api_keys
 from .availability import RunnerUnavailable, RunnerWatch
 from .errors import PayloadTooLarge, Unauthenticated, register_grpc_status_codes
@@ -66,11 +67,6 @@ if t.TYPE_CHECKING:
 
     from .settings import Settings
 
-Scope = dict[str, t.Any]
-Message = dict[str, t.Any]
-Receive = Callable[[], t.Awaitable[Message]]
-Send = Callable[[Message], t.Awaitable[None]]
-BodyRewrite = Callable[[bytes], bytes]
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 UNGUARDED_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics", "/docs.json", "/"}).union(
@@ -81,7 +77,6 @@ DRAIN_POLL_S = 0.05
 LINGER_BYTES = 256 << 20  # of a refused request's body read and dropped, at most
 LINGER_S = 10
 FLUSH_S = 0.5  # after the last call in flight has answered, for its bytes to leave
-ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
 # What the APIs answer besides BentoML's documented 200, 400, 404 and 500.
 DOCUMENTED_ERRORS = (
     HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
@@ -288,33 +283,6 @@ async def discard_body(receive: Receive) -> None:
                 if message["type"] != "http.request" or not message.get("more_body"):
                     return
                 discarded += len(message.get("body", b""))
-
-
-def rewrite_responses(send: Send, on_start: Callable[[Message], BodyRewrite | None]) -> Send:
-    """``on_start`` sees (and may edit) each response start; the body of those it returns a rewrite for is rewritten."""
-    start: Message = {}
-    rewrite: BodyRewrite | None = None
-    chunks: list[bytes] = []
-
-    async def send_rewritten(message: Message) -> None:
-        nonlocal start, rewrite
-        if message["type"] == "http.response.start":
-            rewrite = on_start(message)
-            if rewrite is not None:
-                start = message
-                return
-        elif rewrite is not None and message["type"] == "http.response.body":
-            chunks.append(message.get("body", b""))
-            if message.get("more_body"):
-                return
-            body = rewrite(b"".join(chunks))
-            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
-            message = {"type": "http.response.body", "body": body}
-            rewrite = None
-        await send(message)
-
-    return send_rewritten
 
 
 def error_body(raw: bytes, status: int) -> bytes:

@@ -17,7 +17,7 @@ import typing as t
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
-from .guards import ERROR_SCHEMA, Receive, Scope, Send, rewrite_responses
+from .asgi import ERROR_SCHEMA, Receive, Scope, Send, rewrite_responses
 
 if t.TYPE_CHECKING:
     import bentoml
