@@ -164,8 +164,8 @@ class HttpGuard:
         max_body_bytes: int,
         retry_after_s: int,
         api_paths: frozenset[str],
-        ready_note: str | None,
-        keys: ApiKeys | None,
+        ready_note: str | None = None,
+        keys: ApiKeys | None = None,
     ) -> None:
         self.app = app
         self.keys = keys

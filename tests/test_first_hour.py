@@ -37,6 +37,7 @@ VENV_BIN = ROOT / ".venv" / "bin"
 NOT_RUN_HERE = {
     "downloaded by Keras": "no route to the ImageNet weights on these machines",
     "FILE.h5": "a placeholder for the user's weights file",
+    "--int8-calibration DIR": "a placeholder for the user's images (test_engines.py saves int8 from generated ones)",
 }
 
 

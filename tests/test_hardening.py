@@ -574,6 +574,7 @@ def test_launcher_logs_and_exports_what_runs_the_model(launched: Launched) -> No
         + r"; loaded in [0-9.]+ s, warmed up in [0-9.]+ s"
     )
     assert re.search(pattern, line), line
+    httpx.post(f"http://{launched.http}/predict", content=CAT, headers={"Content-Type": "image/jpeg"}, timeout=30)
     families = text_string_to_metric_families(httpx.get(f"http://{launched.http}/metrics").text)
     (engine,) = [sample for family in families if family.name == "inception_v3_engine" for sample in family.samples]
     expected = {"engine": "openvino", "precision": choice.precision, "device": "CPU"}

@@ -323,9 +323,7 @@ def test_guards_read_the_doors_declarations():
     """The metrics label of a door's routes and its unguarded probes come from its ``Door``."""
     from inception_v3.guards import UNGUARDED_METHODS, UNGUARDED_PATHS, HttpGuard
 
-    guard = HttpGuard(
-        app=None, admission=None, max_body_bytes=1, retry_after_s=1, api_paths=frozenset({"/predict"}), ready_note=None
-    )
+    guard = HttpGuard(app=None, admission=None, max_body_bytes=1, retry_after_s=1, api_paths=frozenset({"/predict"}))
     assert guard.endpoint(f"/v2/models/{MODEL}/infer") == guard.endpoint("/v2") == "/v2"
     assert guard.endpoint(f"/v1/models/{MODEL}:predict") == "/v1/models"
     assert guard.endpoint("/v20/models") == "other"
