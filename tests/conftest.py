@@ -9,13 +9,17 @@ reads them, so the suite never touches ``~/bentoml`` or the ports of a running
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import subprocess
 import sys
 import tempfile
+import typing as t
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from inception_v3.settings import write_config_on_free_ports
 
@@ -102,6 +106,54 @@ def own_bentoml_home(name: str) -> Iterator[None]:
         yield
     finally:
         os.environ["BENTOML_HOME"] = str(SHARED_BENTOML_HOME)
+
+
+@dataclasses.dataclass
+class Launch:
+    """A ``python -m inception_v3.launcher`` (what ``make serve`` runs) started by ``start_launcher``."""
+
+    process: subprocess.Popen[bytes]
+    config: dict[str, t.Any]
+    config_file: Path
+    env: dict[str, str]
+    log: Path
+
+    def address(self, *keys: str) -> str:
+        node = self.config
+        for key in keys:
+            node = node[key]
+        return f"127.0.0.1:{node['port']}"
+
+
+def start_launcher(name: str, overrides: dict[str, t.Any] | None = None, env: dict[str, str] | None = None) -> Launch:
+    """The launcher on free ports and loopback only, in a BentoML home of its own linked to the test stores."""
+    home = linked_bentoml_home(name)
+    config_file = write_config_on_free_ports(
+        home / "configuration.yaml",
+        {
+            "api_server.http.host": "127.0.0.1",
+            "api_server.grpc.host": "127.0.0.1",
+            "api_server.grpc.metrics.host": "127.0.0.1",
+            **(overrides or {}),
+        },
+    )
+    environment = {
+        **os.environ,
+        **(env or {}),
+        "BENTOML_HOME": str(home),
+        "BENTOML_CONFIG": str(config_file),
+        "PYTHONUNBUFFERED": "1",
+    }
+    log = home / "launcher.log"
+    with log.open("ab") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "inception_v3.launcher"],
+            cwd=ROOT,
+            env=environment,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    return Launch(process, yaml.safe_load(config_file.read_text()), config_file, environment, log)
 
 
 def hosted_bento(stack: contextlib.ExitStack, use_grpc: bool, config_file: Path = TEST_CONFIG, name: str = "") -> str:

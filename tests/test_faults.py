@@ -33,7 +33,7 @@ from inception_v3 import lineage
 from inception_v3.launcher import FAILURE_WINDOW_S, MAX_FAILURES, Piece
 from inception_v3.settings import write_config_on_free_ports
 from inception_v3.tls import ClientTls, grpc_channel, http_url
-from tests.conftest import CAT_JPEG, ROOT, linked_bentoml_home
+from tests.conftest import CAT_JPEG, ROOT, linked_bentoml_home, start_launcher
 
 CAT = CAT_JPEG.read_bytes()
 CALL_TIMEOUT_S = 10  # an answer slower than this counts as a hang
@@ -99,30 +99,13 @@ class Stack:
 
 
 def start_stack(name: str, overrides: dict | None = None, tls: ClientTls | None = None) -> Stack:
-    home = linked_bentoml_home(name)
-    config_file = write_config_on_free_ports(
-        home / "configuration.yaml",
-        {
-            "api_server.http.host": "127.0.0.1",
-            "api_server.grpc.host": "127.0.0.1",
-            "api_server.grpc.metrics.host": "127.0.0.1",
-            "services.inception_v3.xla_batch_sizes": [],
-            **(overrides or {}),
-        },
-    )
-    config = yaml.safe_load(config_file.read_text())
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_CONFIG": str(config_file), "PYTHONUNBUFFERED": "1"}
-    log = home / "launcher.log"
-    with log.open("ab") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "inception_v3.launcher"], cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT
-        )
+    launch = start_launcher(name, overrides)
     return Stack(
-        process,
-        http=f"127.0.0.1:{config['api_server']['http']['port']}",
-        grpc=f"127.0.0.1:{config['api_server']['grpc']['port']}",
-        log=log,
-        env=env,
+        launch.process,
+        http=launch.address("api_server", "http"),
+        grpc=launch.address("api_server", "grpc"),
+        log=launch.log,
+        env=launch.env,
         tls=tls,
     )
 

@@ -15,7 +15,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ import yaml
 
 from client import request_inception_v3 as client
 from inception_v3.settings import load_settings, write_config_on_free_ports
-from tests.conftest import CAT_JPEG, ROOT, TEST_CONFIG, linked_bentoml_home, split_address
+from tests.conftest import CAT_JPEG, ROOT, TEST_CONFIG, linked_bentoml_home, split_address, start_launcher
 
 pytestmark = pytest.mark.servers
 
@@ -79,18 +78,8 @@ def served(saved_model: str) -> Iterator[Served]:
     """``python -m inception_v3.launcher`` (what ``make serve`` runs) on free ports."""
     from inception_v3.launcher import wait_ready
 
-    home = linked_bentoml_home("first-hour")
-    config_file = write_config_on_free_ports(
-        home / "configuration.yaml",
-        {"api_server.http.host": "127.0.0.1", "api_server.grpc.host": "127.0.0.1"},
-    )
-    config = yaml.safe_load(config_file.read_text())
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_CONFIG": str(config_file), "PYTHONUNBUFFERED": "1"}
-    log = home / "launcher.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "inception_v3.launcher"], cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT
-        )
+    launch = start_launcher("first-hour")
+    process, config, config_file, log = launch.process, launch.config, launch.config_file, launch.log
     http_port, grpc_port = config["api_server"]["http"]["port"], config["api_server"]["grpc"]["port"]
     settings = dataclasses.replace(load_settings(), http_port=http_port, grpc_port=grpc_port)
     try:

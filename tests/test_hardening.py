@@ -13,11 +13,9 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import http.server
-import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -31,7 +29,6 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-import yaml
 from bentoml.grpc.v1 import service_pb2 as pb
 from bentoml.grpc.v1 import service_pb2_grpc
 from google.protobuf.json_format import MessageToDict
@@ -40,8 +37,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from client import request_inception_v3 as client
 from inception_v3 import engines
-from inception_v3.settings import load_settings, write_config_on_free_ports
-from tests.conftest import CAT_JPEG, ROOT, linked_bentoml_home, split_address
+from inception_v3.settings import load_settings
+from tests.conftest import CAT_JPEG, split_address, start_launcher
 from tests.images import encode, picture, png_bomb, png_header_only, unsupported_samples, valid_samples
 
 pytestmark = pytest.mark.servers
@@ -495,14 +492,10 @@ def launched(saved_model: str) -> Iterator[Launched]:
     exempt, as containers behind a corporate proxy often have."""
     from inception_v3.launcher import wait_ready
 
-    home = linked_bentoml_home("launcher")
     collector = SpanCollector()
-    config_file = write_config_on_free_ports(
-        home / "configuration.yaml",
+    launch = start_launcher(
+        "launcher",
         {
-            "api_server.http.host": "127.0.0.1",
-            "api_server.grpc.host": "127.0.0.1",
-            "api_server.grpc.metrics.host": "127.0.0.1",
             "api_server.workers": 2,
             "tracing": {
                 "exporter_type": "otlp",
@@ -510,21 +503,12 @@ def launched(saved_model: str) -> Iterator[Launched]:
                 "otlp": {"protocol": "http", "endpoint": collector.endpoint},
             },
         },
+        env={
+            **{name: DEAD_PROXY for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY")},
+            **{name: "localhost" for name in ("no_proxy", "NO_PROXY")},
+        },
     )
-    config = yaml.safe_load(config_file.read_text())
-    env = {
-        **os.environ,
-        **{name: DEAD_PROXY for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY")},
-        **{name: "localhost" for name in ("no_proxy", "NO_PROXY")},
-        "BENTOML_HOME": str(home),
-        "BENTOML_CONFIG": str(config_file),
-        "PYTHONUNBUFFERED": "1",
-    }
-    log = home / "launcher.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "inception_v3.launcher"], cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT
-        )
+    process, config, log = launch.process, launch.config, launch.log
     settings = dataclasses.replace(
         SETTINGS, http_port=config["api_server"]["http"]["port"], grpc_port=config["api_server"]["grpc"]["port"]
     )
