@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import typing as t
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,11 @@ def with_uint8_input(model: ov.Model) -> ov.Model:
 
 def convert(keras_model: t.Any) -> ov.Model:
     """Keras InceptionV3 (float input in [-1, 1]) to an OpenVINO model taking uint8 pixels."""
-    return with_uint8_input(ov.convert_model(keras_model, input=[(-1, INPUT_SIZE, INPUT_SIZE, 3)]))
+    with warnings.catch_warnings():
+        # Keras warns that the traced input is a tensor, not its keras_tensor: harmless, and noise in make serve.
+        warnings.filterwarnings("ignore", "The structure of `inputs` doesn't match", UserWarning)
+        converted = ov.convert_model(keras_model, input=[(-1, INPUT_SIZE, INPUT_SIZE, 3)])
+    return with_uint8_input(converted)
 
 
 def quantize(model: ov.Model, calibration: list[np.ndarray]) -> ov.Model:
