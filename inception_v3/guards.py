@@ -56,7 +56,7 @@ from grpc_health.v1 import health_pb2
 from . import grpc_certificates, http_client_certificates
 from .api import requested_top_k
 from .asgi import ERROR_SCHEMA, BodyRewrite, Message, Receive, Scope, Send, rewrite_responses
-from .auth import UNAUTHORIZED, ApiKeys, api_keys
+from .auth import DOCS_HTTP_PATHS, HEALTH_GRPC_METHODS, HEALTH_HTTP_PATHS, UNAUTHORIZED, ApiKeys, api_keys
 from .availability import RunnerUnavailable, RunnerWatch
 from .errors import PayloadTooLarge, Unauthenticated, register_grpc_status_codes
 from .observability import configure_logging, metrics, request_id
@@ -69,10 +69,10 @@ if t.TYPE_CHECKING:
 
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
-UNGUARDED_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics", "/docs.json", "/"}).union(
-    *(door.health_paths for door in DOORS)
-)
-UNGUARDED_METHODS = frozenset().union(*(door.health_methods for door in DOORS))
+# Health, metrics and docs skip admission (an overloaded server still answers its orchestrator);
+# the same sets auth.py leaves open.
+UNGUARDED_PATHS = HEALTH_HTTP_PATHS | DOCS_HTTP_PATHS
+UNGUARDED_METHODS = HEALTH_GRPC_METHODS
 DRAIN_POLL_S = 0.05
 LINGER_BYTES = 256 << 20  # of a refused request's body read and dropped, at most
 LINGER_S = 10
