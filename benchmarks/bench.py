@@ -465,13 +465,11 @@ def busy_cpu_s() -> float:
 
 
 def machine() -> dict[str, Any]:
-    flags = set()
+    flags = engines.cpu_flags()
     model = platform.processor()
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             model = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
     wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
     return {
         "cpu": model,
