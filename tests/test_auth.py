@@ -15,8 +15,10 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+import schemathesis
 from bentoml.grpc.v1 import service_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from schemathesis import GenerationMode
 
 from client import request_inception_v3 as client
 from inception_v3.auth import ApiKeys
@@ -25,6 +27,7 @@ from inception_v3.guards import Admission, HttpGuard
 from inception_v3.protocols.tfserving import pb as tfs
 from tests.conftest import CAT_JPEG, WORK_DIR, split_address
 from tests.test_faults import Stack, start_stack, stop_stack
+from tests.test_openapi import OPERATIONS, check_conformance
 from tests.test_refusals import Runner
 
 CAT = CAT_JPEG.read_bytes()
@@ -204,3 +207,12 @@ def test_health_needs_a_key_when_protected(tmp_path: Path, protect: bool) -> Non
 
     asyncio.run(call())
     assert sent[0]["status"] == (401 if protect else 200)
+
+
+@pytest.mark.parametrize(("method", "path"), OPERATIONS)
+def test_every_operation_conforms_to_the_document_with_a_key(stack: Stack, method: str, path: str) -> None:
+    """Schemathesis over every documented route of a server with API keys on, sending the right key."""
+    schema = schemathesis.openapi.from_url(f"http://{stack.http}/docs.json")  # the docs stay open
+    check_conformance(
+        schema, method, path, GenerationMode.POSITIVE, max_examples=10, headers={"Authorization": f"Bearer {KEY}"}
+    )

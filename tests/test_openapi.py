@@ -63,13 +63,25 @@ CASES = [(method, path, GenerationMode.POSITIVE) for method, path in OPERATIONS]
 def test_operation_conforms_to_the_document(
     served_schema: schemathesis.BaseSchema, method: str, path: str, mode: GenerationMode
 ) -> None:
-    operation = served_schema[path][method]
+    check_conformance(served_schema, method, path, mode)
+
+
+def check_conformance(
+    schema: schemathesis.BaseSchema,
+    method: str,
+    path: str,
+    mode: GenerationMode,
+    max_examples: int = 40,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Hypothesis' cases for one operation, sent with ``headers``: no 5xx, statuses and bodies as documented."""
+    operation = schema[path][method]
 
     @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=max_examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     def conforms(case: schemathesis.Case) -> None:
         # /predict documents its body as any bytes of an image type, /infer base64 images;
         # random data is not an image and is rightly refused (415, 400): that check does not apply.
-        case.call_and_validate(excluded_checks=[positive_data_acceptance], timeout=120)
+        case.call_and_validate(headers=headers, excluded_checks=[positive_data_acceptance], timeout=120)
 
     conforms()
