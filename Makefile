@@ -5,6 +5,8 @@
 # latest model has other weights than those named:
 #   auto (default: ImageNet, or random weights if the download fails) | imagenet (download or fail)
 #   | random (offline) | /path/to/weights.h5 (offline)
+# READY_ARGS: what make serve's (and make run's) readiness check needs to connect, e.g. with
+# mutual TLS: READY_ARGS="--cert probe.pem --key probe.key" (it trusts ssl.ca_certs, or --ca-cert).
 # GPU=1 (make setup GPU=1, make serve GPU=1) also installs TensorFlow's CUDA libraries
 # (requirements-gpu.txt); the runner then uses the host's NVIDIA GPU.
 
@@ -31,7 +33,7 @@ else
 WEIGHTS_ARGS := --weights $(WEIGHTS)
 endif
 
-.PHONY: setup model serve stop test lint clean
+.PHONY: setup model serve stop reload test lint clean
 
 setup: $(INSTALLED)
 
@@ -47,7 +49,7 @@ model: setup
 serve: model stop
 	@mkdir -p $(RUN_DIR)
 	nohup $(PY) -m inception_v3.launcher > $(RUN_DIR)/serve.log 2>&1 & echo $$! > $(RUN_DIR)/serve.pid
-	@$(PY) -m inception_v3.launcher --wait-ready --timeout 180 --pid $$(cat $(RUN_DIR)/serve.pid) || { tail -n 30 $(RUN_DIR)/serve.log; $(MAKE) --no-print-directory stop; exit 1; }
+	@$(PY) -m inception_v3.launcher --wait-ready --timeout 180 --pid $$(cat $(RUN_DIR)/serve.pid) $(READY_ARGS) || { tail -n 30 $(RUN_DIR)/serve.log; $(MAKE) --no-print-directory stop; exit 1; }
 	@echo "HTTP  http://localhost:8501  (Swagger UI at /, TF Serving REST at /v1/models/inception_v3, Open Inference at /v2)"
 	@echo "gRPC  localhost:8500         (bentoml.grpc.v1.BentoService, tensorflow.serving.PredictionService, inference.GRPCInferenceService)"
 	@echo "logs  $(RUN_DIR)/serve.log; stop with: make stop"
@@ -64,6 +66,12 @@ stop:
 	fi
 	@if [ -f $(RUN_DIR)/container.json ]; then $(PY) -m container.image stop; fi
 
+# Look at the model store for new versions now (the runner also looks every model_poll_s seconds).
+reload:
+	@if [ -f $(RUN_DIR)/serve.pid ]; then kill -HUP $$(cat $(RUN_DIR)/serve.pid) && echo "asked make serve's runner to look for new versions"; \
+	elif [ -f $(RUN_DIR)/container.json ]; then $(PY) -m container.image reload; \
+	else echo "nothing is serving (make serve or make run)" >&2; exit 1; fi
+
 test: setup browser-deps
 	$(PY) -m pytest
 
@@ -77,6 +85,7 @@ clean: stop
 # --- deployable image (bentoml build / containerize) -------------------------
 # build_all: model (if the store has none) -> `bentoml build` -> `bentoml containerize` (printed) -> inception_v3:latest.
 # run: the image's default command, HTTP :8501 and gRPC :8500 from one runner; `make stop` stops it.
+# MODEL_STORE=DIR (run): serve the versions of that model store folder (e.g. ~/bentoml/models), watched.
 # The engine is docker, or buildah where no Docker engine answers (CONTAINER_BACKEND=docker|buildah);
 # buildah starts from a Debian base built offline once (container/build-base.sh). docs/deployment.md
 .PHONY: bento build_all run image-test
@@ -88,8 +97,8 @@ build_all: bento
 	$(PY) -m container.image build $(if $(filter random,$(WEIGHTS)),--allow-random-weights)
 
 run: stop
-	$(PY) -m container.image run
-	@$(PY) -m inception_v3.launcher --wait-ready --timeout 300 || { $(MAKE) --no-print-directory stop; exit 1; }
+	$(PY) -m container.image run $(if $(MODEL_STORE),--model-store $(MODEL_STORE))
+	@$(PY) -m inception_v3.launcher --wait-ready --timeout 300 $(READY_ARGS) || { $(MAKE) --no-print-directory stop; exit 1; }
 	@echo "HTTP  http://localhost:8501   gRPC  localhost:8500   (container; stop with: make stop)"
 
 # `bentoml containerize` from the project folder (the test store's model), serves the image, asks both protocols (slow, opt-in).
@@ -115,7 +124,7 @@ audit: setup
 	$(VENV)/bin/pip-audit --strict --no-deps --disable-pip --progress-spinner off -r constraints.txt
 
 # --- benchmark ----------------------------------------------------------------
-.PHONY: bench bench-quick
+.PHONY: bench bench-quick bench-swaps
 
 # Served HTTP and gRPC vs in-process TensorFlow on this machine (about 10 minutes on 2 cores):
 # a table, JSON and a PNG plot in benchmarks/results/. BENCH_ARGS="--publish"
@@ -125,3 +134,7 @@ bench: setup
 
 bench-quick: setup
 	$(PY) -m benchmarks.bench --quick $(BENCH_ARGS)
+
+# Five model version swaps under load: lost requests, p99 while swapping, memory across swaps.
+bench-swaps: setup
+	$(PY) -m benchmarks.swaps $(BENCH_ARGS)

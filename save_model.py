@@ -62,7 +62,7 @@ def next_serving_version() -> int:
     except bentoml.exceptions.NotFound:
         existing = []
     versions = [m.info.metadata.get("serving_version", -1) for m in existing]
-    return max(versions, default=-1) + 1
+    return max(versions, default=0) + 1  # 1, 2, ... as TensorFlow Serving numbers its versions
 
 
 def calibration_set(folder: Path) -> tuple[list[np.ndarray], dict[str, object]]:

@@ -16,7 +16,7 @@ import bentoml
 import numpy as np
 from bentoml.io import JSON
 
-from inception_v3 import batching, client_schema, grpc_metrics, guards, openapi, protocols
+from inception_v3 import batching, client_schema, grpc_metrics, guards, openapi, protocols, versions
 from inception_v3.api import BatchPrediction, BatchRequest, ImageUpload, JsonInput, Prediction, decode_base64_image
 from inception_v3.classifier import Classifier
 from inception_v3.runner import InceptionV3Runnable, connect_without_environment, runnable_init_params
@@ -24,7 +24,7 @@ from inception_v3.settings import SERVICE_NAME, load_settings, use_project_confi
 
 use_project_config_by_default()
 settings = load_settings()
-bento_model = bentoml.models.get(settings.model_tag)
+bento_model = versions.model_store(settings.model_store).get(settings.model_tag)
 
 batching.install(settings.batch_patience)
 connect_without_environment()
@@ -32,7 +32,7 @@ runner = bentoml.legacy.Runner(
     InceptionV3Runnable,
     name=SERVICE_NAME,
     models=[bento_model],
-    runnable_init_params=runnable_init_params(bento_model, settings),
+    runnable_init_params=runnable_init_params(bento_model, settings, watch=True),
 )
 svc = bentoml.legacy.Service(SERVICE_NAME, runners=[runner])
 classifier = Classifier(runner, bento_model, settings)
@@ -44,7 +44,8 @@ classifier = Classifier(runner, bento_model, settings)
     route="predict",
 )
 async def predict(image: np.ndarray) -> Prediction:
-    """Classify one image (JPEG, PNG, WebP, BMP or GIF). `?top_k=N` sets how many classes come back."""
+    """Classify one image (JPEG, PNG, WebP, BMP or GIF). `?top_k=N` sets how many classes come back,
+    `?version=N` which model version answers (default: the newest)."""
     (prediction,) = classifier.predictions(await classifier.classify([image]))
     return prediction
 
@@ -56,8 +57,9 @@ async def predict(image: np.ndarray) -> Prediction:
 )
 async def predict_batch(request: BatchRequest) -> BatchPrediction:
     """Classify several base64-encoded images in one request; they share one runner batch."""
-    probabilities = await classifier.classify_files([decode_base64_image(text) for text in request.images])
-    return BatchPrediction(predictions=classifier.predictions(probabilities, request.top_k))
+    files = [decode_base64_image(text) for text in request.images]
+    classified = await classifier.classify_files(files, request.version)
+    return BatchPrediction(predictions=classifier.predictions(classified, request.top_k))
 
 
 grpc_metrics.install()

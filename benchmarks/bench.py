@@ -57,6 +57,7 @@ from inception_v3 import engines
 from inception_v3.preprocessing import INPUT_SIZE, prepare_image
 from inception_v3.runner import InceptionV3Runnable, runnable_init_params
 from inception_v3.settings import PROJECT_ROOT, SERVICE_NAME, write_config_on_free_ports
+from inception_v3.versions import requested
 
 RESULTS_DIR = PROJECT_ROOT / "benchmarks" / "results"
 DOCS_DIR = PROJECT_ROOT / "docs"
@@ -389,7 +390,9 @@ def run_paired(rounds: int, duration_s: float, sequential_requests: int) -> dict
 
     def pipeline(batch_size: int) -> Callable[[], object]:
         """What the service does for ``batch_size`` images, in process: decode each, one engine call."""
-        return lambda: runnable.classify(np.stack([prepare_image(image) for _ in range(batch_size)]))
+        return lambda: runnable.classify(
+            np.stack([prepare_image(image) for _ in range(batch_size)]), requested(batch_size)
+        )
 
     def in_process(batch_size: int) -> dict[str, Callable[[], object]]:
         return {"keras": keras_call(batch_size), "pipeline": pipeline(batch_size)}

@@ -2,7 +2,8 @@
 
     python -m container.image build [--bento inception_v3:latest] [--tag inception_v3:latest ...]
                                     [--allow-random-weights]
-    python -m container.image run [--tag inception_v3:latest] [--config FILE]
+    python -m container.image run [--tag inception_v3:latest] [--config FILE] [--model-store DIR]
+    python -m container.image reload
     python -m container.image stop
     python -m container.image remove [--tag inception_v3:latest ...]
 
@@ -14,6 +15,8 @@ unless ``--allow-random-weights`` says so (``make build_all WEIGHTS=random``).
 ``run`` starts the image's default command (HTTP and gRPC from one runner) in the
 background and records the container in a state file for ``stop``. The ports are
 those of the image's configuration file, or of ``--config``, mounted over it.
+``--model-store`` mounts a model store folder: the runner serves its versions and
+picks up new ones (``reload``: at once) instead of the model the Bento carries.
 
 The backend is $CONTAINER_BACKEND, else docker when its engine answers, else
 buildah. buildah runs with $BUILDAH_ISOLATION (default chroot) and
@@ -51,6 +54,7 @@ BASE_IMAGE = "localhost/inception-v3-base:bookworm"
 DEFAULT_TAG = "inception_v3:latest"
 DEFAULT_STATE_FILE = ROOT / ".run" / "container.json"
 CONTAINER_CONFIG = "/home/bentoml/run-configuration.yaml"
+CONTAINER_MODEL_STORE = "/home/bentoml/model-store"
 STOP_TIMEOUT_S = 90
 
 
@@ -160,7 +164,9 @@ def image_size(tag: str, backend: str) -> str:
     return engine("buildah", "images", "--format", "{{.Size}}", tag, capture=True)
 
 
-def run(tag: str, name: str, config: Path | None, state_file: Path) -> Container:
+def run(tag: str, name: str, config: Path | None, state_file: Path, model_store: Path | None = None) -> Container:
+    """``model_store``: a BentoML model store folder (``$BENTOML_HOME/models``) the runner serves
+    versions from, and watches for new ones, instead of the model inside the Bento."""
     if state_file.exists():
         raise SystemExit(f"error: a container is already recorded in {state_file}: stop it first")
     backend = detect_backend()
@@ -172,6 +178,9 @@ def run(tag: str, name: str, config: Path | None, state_file: Path) -> Container
         if config is None
         else ["-v", f"{config.resolve()}:{CONTAINER_CONFIG}:ro", "-e", f"BENTOML_CONFIG={CONTAINER_CONFIG}"]
     )
+    if model_store is not None:
+        options += ["-v", f"{model_store.resolve()}:{CONTAINER_MODEL_STORE}:ro"]
+        options += ["-e", f"INCEPTION_V3_MODEL_STORE={CONTAINER_MODEL_STORE}"]
     state_file.parent.mkdir(parents=True, exist_ok=True)
     if backend == "docker":
         published = [arg for port in ports for arg in ("-p", f"{port}:{port}")]
@@ -243,6 +252,16 @@ def stop(state_file: Path) -> None:
     state_file.unlink()
 
 
+def reload(state_file: Path) -> None:
+    """SIGHUP to the container's launcher: its runner looks at the model store now."""
+    container = load(state_file)
+    launcher = main_process(container) if container else None
+    if launcher is None:
+        raise SystemExit(f"error: no running container is recorded in {state_file}")
+    launcher.send_signal(signal.SIGHUP)
+    print(f"asked container {container.name}'s runner to look for new versions")
+
+
 def remove(tags: list[str], backend: str) -> None:
     command = ["rmi"] if backend == "docker" else ["rmi", "--force"]
     subprocess.run([backend, *command, *tags], env=backend_env(backend), check=False)
@@ -263,7 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--tag", default=DEFAULT_TAG)
     run_parser.add_argument("--name", default="inception-v3")
     run_parser.add_argument("--config", type=Path, help="a configuration file to serve with instead of the image's")
+    run_parser.add_argument(
+        "--model-store", type=Path, help="serve the model versions of this model store folder (mounted read-only)"
+    )
     commands.add_parser("stop", help="stop the container that run started")
+    commands.add_parser("reload", help="its runner looks at the model store for new versions now")
     remove_parser = commands.add_parser("remove", help="remove images")
     remove_parser.add_argument("--tag", action="append")
     args = parser.parse_args(argv)
@@ -273,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
             refuse_random_weights(args.bento)
         build(args.bento, args.tag or [DEFAULT_TAG], detect_backend(), no_cache=args.no_cache)
     elif args.command == "run":
-        container = run(args.tag, args.name, args.config, args.state_file)
+        container = run(args.tag, args.name, args.config, args.state_file, args.model_store)
         print(f"started {container.name} ({container.backend}); log: {container.log}")
+    elif args.command == "reload":
+        reload(args.state_file)
     elif args.command == "stop":
         stop(args.state_file)
     else:

@@ -21,9 +21,10 @@ from .preprocessing import SUPPORTED_MEDIA_TYPES, PixelLimits, read_image
 if t.TYPE_CHECKING:
     from bentoml.grpc.v1 import service_pb2 as pb
 
-# Both doors set it per request: HTTP from ``?top_k=``, gRPC from the ``top_k``
-# metadata key (see ``guards``).
+# Both doors set them per request: HTTP from ``?top_k=`` and ``?version=``, gRPC from
+# the ``top_k`` and ``version`` metadata keys (see ``guards``).
 requested_top_k: contextvars.ContextVar[int | None] = contextvars.ContextVar("requested_top_k", default=None)
+requested_version: contextvars.ContextVar[int | None] = contextvars.ContextVar("requested_version", default=None)
 
 
 # OpenAPI 3.0 "example"s: what the Swagger UI shows as the example value (it does not
@@ -36,6 +37,7 @@ PREDICTION_EXAMPLE = {
         {"label": "Egyptian cat", "score": 0.03},
         {"label": "tabby", "score": 0.01},
     ],
+    "version": 1,
 }
 
 
@@ -50,6 +52,7 @@ class Prediction(BaseModel):
     label: str = Field(description="the most probable class", examples=["Siamese cat"])
     score: float = Field(ge=0, le=1, description="its softmax probability", examples=[0.93])
     top_k: list[ScoredLabel] = Field(description="the k most probable classes, best first")
+    version: int = Field(description="the model version that classified the image", examples=[1])
     warning: str | None = Field(
         default=None, description="set when the labels are not to be trusted: the model has random weights"
     )
@@ -64,6 +67,7 @@ class BatchRequest(BaseModel):
         examples=[["/9j/4AAQSkZJRgABAQ..."]],
     )
     top_k: int | None = Field(default=None, ge=1, le=1000, examples=[5])
+    version: int | None = Field(default=None, ge=0, description="the model version to ask (default: the newest)")
 
 
 class BatchPrediction(BaseModel):
@@ -167,6 +171,8 @@ def json_value_to_image(value: t.Any, input_name: str) -> bytes:
     raise InvalidImage(f"each '{input_name}' value must be a base64 string or {{\"b64\": ...}}")
 
 
-def to_prediction(probabilities: np.ndarray, class_names: list[str], k: int, warning: str | None = None) -> Prediction:
+def to_prediction(
+    probabilities: np.ndarray, class_names: list[str], k: int, version: int, warning: str | None = None
+) -> Prediction:
     ranked = [ScoredLabel(label=label, score=score) for label, score in top_k(probabilities, class_names, k)]
-    return Prediction(label=ranked[0].label, score=ranked[0].score, top_k=ranked, warning=warning)
+    return Prediction(label=ranked[0].label, score=ranked[0].score, top_k=ranked, version=version, warning=warning)

@@ -3,26 +3,33 @@
 As KServe's data plane is for its protocols: BentoML's APIs, TensorFlow Serving's
 REST and gRPC doors and any other door take a request apart, and call this for the
 work they share: the per-request image limit, decoding (``preprocessing``), the
-runner (one batching queue for all doors), labels and top-k, and what the model is
-(its versions, weights, and the engine that runs it here).
+runner (one batching queue for all doors), the version asked for (``versions``:
+the runner holds the versions and answers with the one that classified), labels
+and top-k, and what the model is (its versions, their states, weights and engine).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import typing as t
 from dataclasses import dataclass
 
 import bentoml
 import numpy as np
 
-from . import engines, weights
-from .api import Prediction, requested_top_k, to_prediction
+from . import versions, weights
+from .api import Prediction, requested_top_k, requested_version, to_prediction
 from .availability import runner_reachable
-from .errors import InvalidImage
+from .errors import InvalidImage, ModelNotFound
 from .preprocessing import read_image
 from .settings import Settings
+
+
+@dataclass(frozen=True)
+class Classified:
+    probabilities: np.ndarray  # (n, 1000)
+    version: int  # the version that answered
+    warning: str | None  # set when that version's labels are not to be trusted (random weights)
 
 
 @dataclass
@@ -32,34 +39,60 @@ class Classifier:
     settings: Settings
 
     def __post_init__(self) -> None:
+        self.name: str = self.bento_model.tag.name
         self.class_names: list[str] = self.bento_model.custom_objects["class_names"]
-        self.version: int = self.bento_model.info.metadata["serving_version"]
-        self.weights: str = weights.kind(self.bento_model.info.metadata)
-        self.warning: str | None = weights.warning(self.bento_model.info.metadata)
-        # The runner loads the same choice; it is pure, so it needs no call to the runner.
-        self.engine = engines.choose_here(self.settings.engine, self.settings.precision, self.bento_model)
-
-    def engine_info(self) -> dict[str, t.Any]:
-        """What runs the model here, for the doors' metadata answers."""
-        return {**dataclasses.asdict(self.engine), "cpu_flags": list(self.engine.cpu_flags)}
+        self.warning: str | None = weights.warning(self.bento_model.info.metadata)  # the model at start
+        self.warnings: dict[int, str | None] = {}  # by version, as the runner said
 
     def check_count(self, count: int) -> None:
         if count > self.settings.max_images_per_request:
             raise InvalidImage(f"{count} images in one request; the limit is {self.settings.max_images_per_request}")
 
-    async def classify(self, images: list[np.ndarray]) -> np.ndarray:
-        """(n, 1000) probabilities for decoded images; they share one runner batch."""
-        self.check_count(len(images))
-        async with runner_reachable():
-            return await self.runner.classify.async_run(np.stack(images))
+    async def classify(self, images: list[np.ndarray], version: int | None = None) -> Classified:
+        """Probabilities for decoded images; they share one runner batch.
 
-    async def classify_files(self, files: list[bytes]) -> np.ndarray:
+        ``version``: the one to answer (default: the ``?version=`` the request carries,
+        else the newest available); one that is not available is a 404.
+        """
+        self.check_count(len(images))
+        if version is None:
+            version = requested_version.get()
+        async with runner_reachable():
+            probabilities, answered = await self.runner.classify.async_run(
+                np.stack(images), versions.requested(len(images), version)
+            )
+        number = int(answered[0])
+        if number == versions.NOT_SERVED:
+            raise ModelNotFound(f"version {version} of {self.name} is not available")
+        if number not in self.warnings:
+            await self.model_status()
+        return Classified(probabilities, number, self.warnings.get(number))
+
+    async def classify_files(self, files: list[bytes], version: int | None = None) -> Classified:
         self.check_count(len(files))  # before decoding any of them
-        return await self.classify(list(await asyncio.gather(*(self.read(data) for data in files))))
+        return await self.classify(list(await asyncio.gather(*(self.read(data) for data in files))), version)
 
     async def read(self, data: bytes) -> np.ndarray:
         return await read_image(data, self.settings.pixel_limits)
 
-    def predictions(self, probabilities: np.ndarray, k: int | None = None) -> list[Prediction]:
+    async def model_status(self) -> list[dict[str, t.Any]]:
+        """Every version the runner knows, newest first: number, state, error, tag, metadata, engine."""
+        async with runner_reachable():
+            statuses = await self.runner.model_status.async_run()
+        self.warnings.update({s["version"]: weights.warning(s["metadata"]) for s in statuses})
+        return statuses
+
+    async def available(self, version: int | None = None) -> dict[str, t.Any]:
+        """The status of ``version`` (default: the newest available), if it is available; else 404."""
+        statuses = [s for s in await self.model_status() if s["state"] == versions.State.AVAILABLE.value]
+        for status in statuses:
+            if version is None or status["version"] == version:
+                return status
+        raise ModelNotFound(f"version {version} of {self.name} is not available")
+
+    def predictions(self, classified: Classified, k: int | None = None) -> list[Prediction]:
         k = k or requested_top_k.get() or self.settings.default_top_k
-        return [to_prediction(row, self.class_names, k, self.warning) for row in probabilities]
+        return [
+            to_prediction(row, self.class_names, k, classified.version, classified.warning)
+            for row in classified.probabilities
+        ]

@@ -15,15 +15,15 @@ are read (a chunked body is counted as it arrives), and the body of a request
 refused before it was read is then read and dropped, up to a bound, so that
 clients that send it all before reading see the answer; every 4xx/5xx body becomes
 TensorFlow Serving's ``{"error": "..."}``; every response carries an
-``X-Request-ID`` (the client's, or a new one). ``?top_k=`` is read here. The
-OpenAPI document (``/docs.json``) gets the statuses the service really answers
-and the ``top_k`` parameter. The per-request timeout is BentoML's
+``X-Request-ID`` (the client's, or a new one). ``?top_k=`` and ``?version=`` are
+read here. The OpenAPI document (``/docs.json``) gets the statuses the service
+really answers and those parameters. The per-request timeout is BentoML's
 (``api_server.traffic.timeout``, 504); on SIGTERM uvicorn finishes what it holds.
 
 gRPC (a server interceptor): the same admission; the same per-request timeout
 (DEADLINE_EXCEEDED); request bytes that do not parse get INVALID_ARGUMENT
 instead of UNKNOWN; errors raised before BentoML's handler mapped to their
-status; the ``top_k`` and ``x-request-id`` metadata keys. gRPC's own message
+status; the ``top_k``, ``version`` and ``x-request-id`` metadata keys. gRPC's own message
 limit (``api_server.grpc.max_message_length``) answers RESOURCE_EXHAUSTED.
 BentoML's gRPC worker dies at once on SIGTERM, dropping what it holds; here
 SIGTERM first refuses new calls and waits for those in flight (at most the
@@ -54,7 +54,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
 from . import grpc_certificates, http_client_certificates
-from .api import requested_top_k
+from .api import requested_top_k, requested_version
 from .asgi import ERROR_SCHEMA, BodyRewrite, Message, Receive, Scope, Send, rewrite_responses
 from .auth import DOCS_HTTP_PATHS, HEALTH_GRPC_METHODS, HEALTH_HTTP_PATHS, UNAUTHORIZED, ApiKeys, api_keys
 from .availability import RunnerUnavailable, RunnerWatch
@@ -101,6 +101,20 @@ def parse_top_k(value: str | None) -> int | None:
     if not value.isdigit() or not 1 <= int(value) <= 1000:
         raise BadInput(f"top_k must be an integer from 1 to 1000, got {value!r}")
     return int(value)
+
+
+def parse_version(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if not value.isdigit() or len(value) > 18:
+        raise BadInput(f"version must be a model version number, got {value!r}")
+    return int(value)
+
+
+def take_request_options(top_k: str | None, version: str | None) -> None:
+    """The per-request options both doors carry (query parameters, gRPC metadata)."""
+    requested_top_k.set(parse_top_k(top_k))
+    requested_version.set(parse_version(version))
 
 
 class Admission:
@@ -202,7 +216,7 @@ class HttpGuard:
         self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], answer: dict[str, int]
     ) -> None:
         try:
-            requested_top_k.set(parse_top_k(query_param(scope, "top_k")))
+            take_request_options(query_param(scope, "top_k"), query_param(scope, "version"))
             declared = headers.get(b"content-length")
             if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
                 raise BodyTooLarge(self.max_body_bytes)
@@ -308,7 +322,7 @@ def error_body(raw: bytes, status: int) -> bytes:
 
 
 def document_openapi(raw: bytes) -> bytes:
-    """BentoML documents 200, 400, 404 and 500 only; add the statuses the APIs answer and ``top_k``."""
+    """BentoML documents 200, 400, 404 and 500 only; add the statuses the APIs answer, ``top_k`` and ``version``."""
     spec = json.loads(raw)
     spec.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
     for path, item in spec.get("paths", {}).items():
@@ -328,7 +342,14 @@ def document_openapi(raw: bytes) -> bytes:
                     "required": False,
                     "description": "how many classes to return, best first (default 5)",
                     "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
-                }
+                },
+                {
+                    "name": "version",
+                    "in": "query",
+                    "required": False,
+                    "description": "the model version to answer (default: the newest available); 404 if not served",
+                    "schema": {"type": "integer", "minimum": 0},
+                },
             ]
     return json.dumps(spec).encode()
 
@@ -442,7 +463,7 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
         try:
             if isinstance(request, Undecodable):
                 raise BadInput(f"malformed request message: {request.error}")
-            requested_top_k.set(parse_top_k(metadata.get("top_k")))
+            take_request_options(metadata.get("top_k"), metadata.get("version"))
             async with self.admission.slot():
                 async with asyncio.timeout(self.timeout_s):
                     return await inner(request, context)

@@ -2,6 +2,7 @@
 
     python -m inception_v3.launcher [--bento service:svc] [--working-dir .]
     python -m inception_v3.launcher --wait-ready [--timeout 120] [--pid PID]
+    kill -HUP LAUNCHER_PID             # look at the model store for new versions now (make reload)
 
 ``bentoml serve`` and ``bentoml serve-grpc`` each start a runner of their own
 (two copies of TensorFlow and the model). This starts BentoML's distributed
@@ -22,6 +23,10 @@ is restarted; each piece dies with the launcher (PR_SET_PDEATHSIG) and a
 watchdog kills their workers; at start, what a crashed run left in this working
 directory is killed, and a configured port another process holds is named with
 its pid.
+
+SIGHUP asks the runner to look at the model store now (``versions``: it polls it
+every ``model_poll_s`` seconds anyway): the launcher passes it on to the runner's
+workers as ``runner.RELOAD_SIGNAL``.
 """
 
 from __future__ import annotations
@@ -193,6 +198,19 @@ def supervise(piece: Piece, env: dict[str, str], working_dir: Path) -> bool:
     return True
 
 
+RUNNER_WORKER_MODULE = "bentoml_cli.worker.runner"
+
+
+def ask_runner_to_reload(runner: Piece) -> None:
+    """Pass SIGHUP on to the runner's workers, which look at the model store at once."""
+    from .runner import RELOAD_SIGNAL  # here: the launcher itself needs no bentoml until asked
+
+    workers = [p for p in descendants(runner.process.pid) if RUNNER_WORKER_MODULE in p.cmdline()]
+    for worker in workers:
+        worker.send_signal(RELOAD_SIGNAL)
+    print(f"asked the runner's workers {[w.pid for w in workers]} to look for new model versions", flush=True)
+
+
 def serve(bento: str, working_dir: Path) -> int:
     settings = load_settings()
     os.environ.pop(lineage.MARK, None)
@@ -207,14 +225,19 @@ def serve(bento: str, working_dir: Path) -> int:
         name: Piece(name, command, mark=f"{me}:{name}")
         for name, command in server_commands(bento, working_dir, settings).items()
     }
-    stopping = False
+    stopping = reload_asked = False
 
     def request_stop(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
 
+    def request_reload(signum: int, _frame: object) -> None:
+        nonlocal reload_asked
+        reload_asked = True
+
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, request_reload)
     for piece in pieces.values():
         piece.start(env, working_dir)
         wait_for_workers(piece.process)
@@ -228,6 +251,9 @@ def serve(bento: str, working_dir: Path) -> int:
         if not all(supervise(piece, env, working_dir) for piece in pieces.values()):
             exit_code = 1
             break
+        if reload_asked:
+            reload_asked = False
+            ask_runner_to_reload(pieces["runner"])
         time.sleep(POLL_S)
     stop(pieces)
     return exit_code

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from .preprocessing import PixelLimits
+from .versions import VersionPolicy
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_FILE = PROJECT_ROOT / "configuration.yaml"
@@ -26,6 +27,9 @@ SERVICE_NAME = "inception_v3"
 @dataclass(frozen=True)
 class Settings:
     model_tag: str
+    model_store: str | None  # a model store directory to watch instead of BentoML's (a mounted volume)
+    model_poll_s: float
+    version_policy: VersionPolicy
     http_host: str
     http_port: int
     grpc_port: int
@@ -83,6 +87,9 @@ def read_settings(path: Path) -> Settings:
     tls = api_server.get("ssl") or {}
     return Settings(
         model_tag=os.environ.get("INCEPTION_V3_MODEL_TAG", own["model_tag"]),
+        model_store=os.environ.get("INCEPTION_V3_MODEL_STORE", own.get("model_store")) or None,
+        model_poll_s=float(own["model_poll_s"]),
+        version_policy=VersionPolicy.parse(own.get("model_version_policy")),
         http_host=api_server["http"]["host"],
         http_port=api_server["http"]["port"],
         grpc_port=api_server["grpc"]["port"],

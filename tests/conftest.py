@@ -65,14 +65,15 @@ def reference_classify(saved_model: str) -> Classify:
     from inception_v3.preprocessing import prepare_image
     from inception_v3.runner import InceptionV3Runnable, runnable_init_params
     from inception_v3.settings import load_settings
+    from inception_v3.versions import requested
 
     bento_model = bentoml.models.get(saved_model)
     runnable = InceptionV3Runnable(**runnable_init_params(bento_model, load_settings()))
     class_names = bento_model.custom_objects["class_names"]
 
     def classify(image: bytes, k: int = 5) -> dict:
-        (probabilities,) = runnable.classify(np.stack([prepare_image(image)]))
-        return to_prediction(probabilities, class_names, k).model_dump()
+        (probabilities,), (version,) = runnable.classify(np.stack([prepare_image(image)]), requested(1))
+        return to_prediction(probabilities, class_names, k, int(version)).model_dump()
 
     return classify
 

@@ -553,7 +553,7 @@ def test_launcher_logs_and_exports_what_runs_the_model(launched: Launched) -> No
     choice = engines.choose_here("auto", "auto", bentoml.models.get("inception_v3:latest"))
     line = launched.wait_for_log(" loaded in ")
     pattern = (
-        r"inception_v3:\w+ \(weights: random\) runs on "
+        r"inception_v3:\w+ \(version \d+, weights: random\) runs on "
         + re.escape(choice.describe())
         + r"; loaded in [0-9.]+ s, warmed up in [0-9.]+ s"
     )

@@ -143,3 +143,35 @@ def test_stop_leaves_no_process(container: image.Container) -> None:
     _gone, alive = psutil.wait_procs(processes, timeout=5)
     assert alive == []
     assert not STATE_FILE.exists()
+
+
+def test_a_mounted_model_store_serves_its_new_versions(built_image: str, saved_model: str) -> None:
+    """``make run MODEL_STORE=...``: the container serves the mounted store's versions and picks up a new one."""
+    import httpx
+
+    from benchmarks.model_copies import add_version, copy_model
+    from tests.conftest import SHARED_BENTOML_HOME
+
+    store = WORK_DIR / "image-model-store" / "models"
+    tag = copy_model(SHARED_BENTOML_HOME / "models", saved_model, store)
+    state_file = WORK_DIR / "container-model-store.json"
+    running = image.run(built_image, f"inception-v3-store-{RUN_ID}", TEST_CONFIG, state_file, model_store=store)
+    try:
+        ready = python("-m", "inception_v3.launcher", "--wait-ready", "--timeout", "300")
+        assert ready.returncode == 0, f"the container did not become ready; its log: {running.log}"
+        url = f"http://127.0.0.1:{configured_port('http', 'port')}/predict"
+
+        def version() -> int:
+            answer = httpx.post(url, content=CAT_JPEG.read_bytes(), headers={"Content-Type": "image/jpeg"}, timeout=30)
+            assert answer.status_code == 200, answer.text
+            return answer.json()["version"]
+
+        first = version()
+        add_version(store, tag, first + 1)
+        image.reload(state_file)
+        deadline = time.monotonic() + 30
+        while version() != first + 1:
+            assert time.monotonic() < deadline, f"the new version did not answer; log: {running.log}"
+            time.sleep(0.5)
+    finally:
+        image.stop(state_file)

@@ -112,6 +112,7 @@ def test_tensorflow_engine_serves_end_to_end(saved_model, servers_context, cat_j
     from inception_v3.api import to_prediction
     from inception_v3.preprocessing import prepare_image
     from inception_v3.runner import InceptionV3Runnable
+    from inception_v3.versions import requested
 
     config = write_config_on_free_ports(
         WORK_DIR / "configuration-tensorflow.yaml", {"services.inception_v3.engine": "tensorflow"}
@@ -119,8 +120,8 @@ def test_tensorflow_engine_serves_end_to_end(saved_model, servers_context, cat_j
     address = hosted_bento(servers_context, use_grpc=False, config_file=config, name="tensorflow-server")
     bento_model = bentoml.models.get(saved_model)
     runnable = InceptionV3Runnable(bento_model, "tensorflow", "auto", ())
-    (probabilities,) = runnable.classify(np.stack([prepare_image(cat_jpeg)]))
-    expected = to_prediction(probabilities, bento_model.custom_objects["class_names"], 5).model_dump()
+    (probabilities,), (version,) = runnable.classify(np.stack([prepare_image(cat_jpeg)]), requested(1))
+    expected = to_prediction(probabilities, bento_model.custom_objects["class_names"], 5, int(version)).model_dump()
     assert (runnable.engine.name, runnable.engine.precision) == ("tensorflow", "fp32")
     served = client.classify_rest(cat_jpeg, *split_address(address), timeout_s=30, top_k=None)
     assert_same_prediction(served, expected)

@@ -16,6 +16,7 @@ same answer as the runner without loading anything.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import typing as t
@@ -55,6 +56,10 @@ class Choice:
 
     def describe(self) -> str:
         return f"{self.engine} {self.precision} on the {self.device} ({', '.join(self.cpu_flags) or 'no AVX2'})"
+
+    def as_dict(self) -> dict[str, t.Any]:
+        """For metadata answers (JSON)."""
+        return {**dataclasses.asdict(self), "cpu_flags": list(self.cpu_flags)}
 
 
 class EngineChoiceError(ValueError):

@@ -42,7 +42,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from tritonclient.grpc import service_pb2 as pb
 
-from .. import openapi
+from .. import openapi, versions
 from ..api import image_from_tensor_element, json_value_to_image
 from ..errors import InvalidImage, ModelNotFound, UnsupportedMediaType
 from ..labels import NUM_CLASSES, top_k_indices
@@ -132,23 +132,42 @@ class ServedModel:
         ready: t.Callable[[], t.Awaitable[bool]],
     ) -> None:
         self.name = name
-        self.version = str(classifier.version)
-        self.classify_files = classifier.classify_files
-        self.class_names = classifier.class_names
-        self.platform = f"{classifier.engine.engine}_{classifier.engine.precision}"
+        self.classifier = classifier
         self.ready = ready
 
-    def check(self, name: str, version: str = "") -> None:
+    def check(self, name: str, version: str = "") -> int | None:
+        """The version asked for (None: the newest)."""
         if name != self.name:
             raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
-        if version not in ("", self.version):
+        if version == "":
+            return None
+        if not version.isdigit() or len(version) > 18:
             raise ModelNotFound(f"Request for unknown model: '{name}' version {version} is not found")
+        return int(version)
 
-    def metadata(self) -> dict[str, t.Any]:
+    async def available(self, version: int | None) -> dict[str, t.Any]:
+        try:
+            return await self.classifier.available(version)
+        except ModelNotFound:
+            raise ModelNotFound(f"Request for unknown model: '{self.name}' version {version} is not found") from None
+
+    async def version_ready(self, version: int | None) -> bool:
+        if not await self.ready():
+            return False
+        try:
+            await self.available(version)
+        except ModelNotFound:
+            return False
+        return True
+
+    async def metadata(self, version: int | None) -> dict[str, t.Any]:
+        status = await self.available(version)
+        statuses = await self.classifier.model_status()
+        engine = status["engine"]
         return {
             "name": self.name,
-            "versions": [self.version],
-            "platform": self.platform,  # what runs it here, as Triton names its backends
+            "versions": [str(s["version"]) for s in statuses if s["state"] == versions.State.AVAILABLE.value],
+            "platform": f"{engine['engine']}_{engine['precision']}",  # what runs it here, as Triton names backends
             "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
             "outputs": [
                 {"name": name, "datatype": datatype, "shape": shape}
@@ -163,23 +182,31 @@ class ServedModel:
             if output.classification and OUTPUT_SHAPES[output.name][0] == "BYTES":
                 raise BadInput("class result not available for output due to unsupported type 'BYTES'")
 
-    async def infer(self, images: list[bytes], requested: list[RequestedOutput]) -> list[Output]:
+    async def infer(
+        self, images: list[bytes], requested: list[RequestedOutput], version: int | None
+    ) -> tuple[list[Output], str]:
+        """The outputs, and the version that answered."""
         self.check_outputs(requested)
         try:
-            probabilities = await self.classify_files(images)
+            classified = await self.classifier.classify_files(images, version)
         except UnsupportedMediaType as error:  # a tensor element, not the HTTP body, is of the wrong type
             raise InvalidImage(error.message) from None
-        return [self.output(request, probabilities) for request in requested or map(RequestedOutput, OUTPUT_SHAPES)]
+        except ModelNotFound:
+            raise ModelNotFound(f"Request for unknown model: '{self.name}' version {version} is not found") from None
+        wanted = requested or map(RequestedOutput, OUTPUT_SHAPES)
+        return [self.output(request, classified.probabilities) for request in wanted], str(classified.version)
 
     def output(self, request: RequestedOutput, probabilities: np.ndarray) -> Output:
         n = len(probabilities)
         if request.name == LABEL:
-            labels = [self.class_names[top_k_indices(row, 1)[0]].encode() for row in probabilities]
+            labels = [self.classifier.class_names[top_k_indices(row, 1)[0]].encode() for row in probabilities]
             return Output(LABEL, "BYTES", [n], labels)
         if request.classification:
             k = min(request.classification, NUM_CLASSES)
             classes = [
-                f"{row[i]:f}:{i}:{self.class_names[i]}".encode() for row in probabilities for i in top_k_indices(row, k)
+                f"{row[i]:f}:{i}:{self.classifier.class_names[i]}".encode()
+                for row in probabilities
+                for i in top_k_indices(row, k)
             ]
             return Output(PROBABILITIES, "BYTES", [n, k], classes)
         return Output(PROBABILITIES, "FP32", [n, NUM_CLASSES], probabilities)
@@ -253,8 +280,10 @@ def rest_outputs(body: dict[str, t.Any]) -> list[RequestedOutput]:
     return requested
 
 
-def rest_response(model: ServedModel, body: dict[str, t.Any], outputs: list[Output], binary: set[str]) -> Response:
-    header: dict[str, t.Any] = {"model_name": model.name, "model_version": model.version}
+def rest_response(
+    model: ServedModel, version: str, body: dict[str, t.Any], outputs: list[Output], binary: set[str]
+) -> Response:
+    header: dict[str, t.Any] = {"model_name": model.name, "model_version": version}
     if isinstance(body.get("id"), str):
         header["id"] = body["id"]
     header["outputs"] = []
@@ -304,8 +333,8 @@ def rest_app(model: ServedModel, server_metadata: dict[str, t.Any]) -> Starlette
 
         return answer
 
-    def checked(request: Request) -> None:
-        model.check(request.path_params["name"], request.path_params.get("version", ""))
+    def checked(request: Request) -> int | None:
+        return model.check(request.path_params["name"], request.path_params.get("version", ""))
 
     async def health(request: Request) -> Response:
         if request.url.path.endswith("/live"):
@@ -318,20 +347,20 @@ def rest_app(model: ServedModel, server_metadata: dict[str, t.Any]) -> Starlette
         return JSONResponse(server_metadata)
 
     async def metadata(request: Request) -> Response:
-        checked(request)
-        return JSONResponse(model.metadata())
+        return JSONResponse(await model.metadata(checked(request)))
 
     async def model_ready(request: Request) -> Response:
-        checked(request)
-        ready = await model.ready()
+        ready = await model.version_ready(checked(request))
         return JSONResponse({"name": model.name, "ready": ready}, status_code=200 if ready else 400)
 
     async def infer(request: Request) -> Response:
-        checked(request)
+        version = checked(request)
+        if version is not None:  # an unknown version first, whatever the body
+            await model.available(version)
         body, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
         requested = rest_outputs(body)
-        outputs = await model.infer(rest_images(body, binary), requested)
-        return rest_response(model, body, outputs, {o.name for o in requested if o.binary})
+        outputs, answered = await model.infer(rest_images(body, binary), requested, version)
+        return rest_response(model, answered, body, outputs, {o.name for o in requested if o.binary})
 
     model_paths = ("/models/{name}", "/models/{name}/versions/{version}")
     routes = [
@@ -409,23 +438,23 @@ def grpc_servicer(model: ServedModel, server_metadata: dict[str, t.Any]) -> type
             return pb.ServerReadyResponse(ready=await model.ready())
 
         async def ModelReady(self, request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:  # noqa: N802
-            model.check(request.name, request.version)
-            return pb.ModelReadyResponse(ready=await model.ready())
+            return pb.ModelReadyResponse(ready=await model.version_ready(model.check(request.name, request.version)))
 
         async def ServerMetadata(self, request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:  # noqa: N802
             return pb.ServerMetadataResponse(**server_metadata)
 
         async def ModelMetadata(self, request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:  # noqa: N802
-            model.check(request.name, request.version)
-            return pb.ModelMetadataResponse(**model.metadata())
+            return pb.ModelMetadataResponse(**await model.metadata(model.check(request.name, request.version)))
 
         async def ModelInfer(self, request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:  # noqa: N802
             # Errors raised here reach the client through guards.GrpcGuard, with their status code.
-            model.check(request.model_name, request.model_version)
-            outputs = await model.infer(grpc_images(request), grpc_outputs(request))
+            version = model.check(request.model_name, request.model_version)
+            if version is not None:
+                await model.available(version)
+            outputs, answered = await model.infer(grpc_images(request), grpc_outputs(request), version)
             return pb.ModelInferResponse(
                 model_name=model.name,
-                model_version=model.version,
+                model_version=answered,
                 id=request.id,
                 outputs=[{"name": o.name, "datatype": o.datatype, "shape": o.shape} for o in outputs],
                 raw_output_contents=[o.raw() for o in outputs],

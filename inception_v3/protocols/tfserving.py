@@ -5,6 +5,10 @@ REST (mounted at ``/v1`` on the HTTP server) and gRPC (``PredictionService`` and
 ``image``, a DT_STRING batch of URL-safe base64 image files; output ``output_0``,
 the top-1 labels. Existing TF Serving clients work unchanged. Requests go through
 the service's runner, so they share its batches with BentoML's own APIs.
+Every version the runner serves answers by number (``/versions/N``,
+``model_spec.version``); a request naming none gets the newest, and the answer
+names the one that answered (``model_spec.version``, REST: ``X-Model-Version``).
+``GetModelStatus`` lists every version with its state and error.
 The metadata answer also names the model's ``weights`` (``imagenet``, ``file`` or
 ``random``); for random weights, predictions carry a warning beside TF Serving's
 body: the ``X-Model-Warning`` header (REST) or trailing metadata key (gRPC).
@@ -25,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .. import openapi
+from .. import openapi, weights
 from ..api import image_from_tensor_element, json_value_to_image
 from ..errors import ModelNotFound
 from ..labels import top_k
@@ -34,7 +38,7 @@ from . import Door
 if t.TYPE_CHECKING:
     import bentoml
 
-    from ..classifier import Classifier
+    from ..classifier import Classified, Classifier
 
 
 TF_SERVING_MODULES = (
@@ -78,33 +82,41 @@ REST_PREFIX = "/v1"
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
 WARNING_KEY = "x-model-warning"  # gRPC metadata keys are lower case
+VERSION_KEY = "x-model-version"  # REST predict answers: the version that answered (gRPC: model_spec)
+
+
+# TF Serving's status codes in GetModelStatus (tensorflow.error.Code): a version that failed is UNKNOWN.
+STATUS_OK, STATUS_UNKNOWN = 0, 2
 
 
 class ServedModel:
-    """The model as TF Serving clients see it: a name, one integer version, one signature."""
+    """The model as TF Serving clients see it: a name, its versions, one signature."""
 
     def __init__(self, name: str, classifier: Classifier) -> None:
         self.name = name
-        self.version = classifier.version
-        self.weights = classifier.weights
-        self.warning = classifier.warning
-        self.engine = classifier.engine_info()
-        self.classify_files = classifier.classify_files
-        self.class_names = classifier.class_names
+        self.classifier = classifier
 
-    def check(self, name: str, version: int | None = None, signature: str = "") -> None:
+    def check(self, name: str, signature: str = "") -> None:
         if name != self.name:
             raise ModelNotFound(f"Servable not found for request: Latest({name})")
-        if version is not None and version != self.version:
-            raise ModelNotFound(f"Servable not found for request: Specific({name}, {version})")
         if signature not in ("", SIGNATURE_NAME):
             raise BadInput(f'Serving signature name: "{signature}" not found in signature def')
 
-    async def predict_labels(self, images: list[bytes]) -> list[str]:
+    async def available(self, version: int | None) -> dict[str, t.Any]:
+        try:
+            return await self.classifier.available(version)
+        except ModelNotFound:
+            spec = f"Specific({self.name}, {version})" if version is not None else f"Latest({self.name})"
+            raise ModelNotFound(f"Servable not found for request: {spec}") from None
+
+    async def predict_labels(self, images: list[bytes], version: int | None) -> tuple[list[str], Classified]:
         if not images:
             raise BadInput(f"input '{INPUT_NAME}' is empty: send at least one image")
-        probabilities = await self.classify_files(images)
-        return [top_k(row, self.class_names, 1)[0][0] for row in probabilities]
+        try:
+            classified = await self.classifier.classify_files(images, version)
+        except ModelNotFound:
+            raise ModelNotFound(f"Servable not found for request: Specific({self.name}, {version})") from None
+        return [top_k(row, self.classifier.class_names, 1)[0][0] for row in classified.probabilities], classified
 
     def signature_def_map(self) -> t.Any:
         def tensor_info(name: str) -> t.Any:
@@ -121,9 +133,24 @@ class ServedModel:
         )
         return pb.get_model_metadata_pb2.SignatureDefMap(signature_def={SIGNATURE_NAME: signature})
 
-    def status(self) -> t.Any:
+    async def status(self, version: int | None) -> t.Any:
+        """Every version the runner knows (or ``version`` alone), with TF Serving's states."""
+        statuses = await self.classifier.model_status()
+        if version is not None:
+            statuses = [s for s in statuses if s["version"] == version]
+            if not statuses:
+                raise ModelNotFound(f"Servable not found for request: Specific({self.name}, {version})")
         return pb.get_model_status_pb2.GetModelStatusResponse(
-            model_version_status=[{"version": self.version, "state": "AVAILABLE", "status": {}}]
+            model_version_status=[
+                {
+                    "version": s["version"],
+                    "state": s["state"],
+                    "status": {"error_code": STATUS_UNKNOWN, "error_message": s["error"]}
+                    if s["error"]
+                    else {"error_code": STATUS_OK},
+                }
+                for s in statuses
+            ]
         )
 
 
@@ -161,7 +188,7 @@ def rest_app(model: ServedModel) -> Starlette:
                 raise ModelNotFound(f"Malformed version: {parts[2]}")
             version = int(parts[2])
             parts = [parts[0], *parts[3:]]
-        model.check(parts[0], version)
+        model.check(parts[0])
         tail = "/".join(parts[1:])
         return tail, version, verb
 
@@ -169,19 +196,24 @@ def rest_app(model: ServedModel) -> Starlette:
         try:
             tail, version, verb = parse_path(request)
             if request.method == "GET" and not verb and tail == "":
-                return JSONResponse(proto_to_json(model.status()))
+                return JSONResponse(proto_to_json(await model.status(version)))
             if request.method == "GET" and not verb and tail == "metadata":
-                return JSONResponse(metadata_json(model, version))
+                return JSONResponse(metadata_json(model, await model.available(version)))
             if request.method == "POST" and verb == "predict" and tail == "":
+                if version is not None:  # as TF Serving: an unknown servable first, whatever the body
+                    await model.available(version)
                 try:
                     body = json.loads(await request.body())
                 except (ValueError, RecursionError) as parse_error:  # RecursionError: nested too deep
                     raise BadInput(f"body is not valid JSON: {parse_error}") from None
                 images, output_key = rest_images(body)
                 if body.get("signature_name"):
-                    model.check(model.name, version, body["signature_name"])
-                warning = {WARNING_KEY: model.warning} if model.warning else None
-                return JSONResponse({output_key: await model.predict_labels(images)}, headers=warning)
+                    model.check(model.name, body["signature_name"])
+                labels, classified = await model.predict_labels(images, version)
+                headers = {VERSION_KEY: str(classified.version)}
+                if classified.warning:
+                    headers[WARNING_KEY] = classified.warning
+                return JSONResponse({output_key: labels}, headers=headers)
             return error(
                 404, f"no such TensorFlow Serving route: {request.method} /v1/models/{request.path_params['rest']}"
             )
@@ -198,15 +230,16 @@ def proto_to_json(message: t.Any) -> dict[str, t.Any]:
     )
 
 
-def metadata_json(model: ServedModel, version: int | None) -> dict[str, t.Any]:
+def metadata_json(model: ServedModel, status: dict[str, t.Any]) -> dict[str, t.Any]:
+    """``status``: the version's, from ``Classifier.available``."""
     signature_defs = proto_to_json(model.signature_def_map())
     return {
-        "model_spec": {
-            "name": model.name,
-            "signature_name": "",
-            "version": str(version if version is not None else model.version),
+        "model_spec": {"name": model.name, "signature_name": "", "version": str(status["version"])},
+        "metadata": {
+            "signature_def": signature_defs,
+            "weights": weights.kind(status["metadata"]),
+            "engine": status["engine"],
         },
-        "metadata": {"signature_def": signature_defs, "weights": model.weights, "engine": model.engine},
     }
 
 
@@ -224,53 +257,55 @@ def grpc_servicers(model: ServedModel) -> list[tuple[type, t.Callable[..., None]
     class PredictionService(pb.prediction_service_pb2_grpc.PredictionServiceServicer):
         async def Predict(self, request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:  # noqa: N802
             try:
-                model.check(
-                    request.model_spec.name, spec_version(request.model_spec), request.model_spec.signature_name
-                )
+                model.check(request.model_spec.name, request.model_spec.signature_name)
+                if request.model_spec.HasField("version"):  # an unknown servable first, whatever the inputs
+                    await model.available(request.model_spec.version.value)
                 if set(request.inputs) != {INPUT_NAME}:
                     raise BadInput(f"expected exactly one input named '{INPUT_NAME}', got {sorted(request.inputs)}")
                 tensor = request.inputs[INPUT_NAME]
                 if tensor.dtype != pb.types_pb2.DT_STRING:
                     raise BadInput(f"input '{INPUT_NAME}' must be DT_STRING")
-                labels = await model.predict_labels(
-                    [image_from_tensor_element(v, INPUT_NAME) for v in tensor.string_val]
+                labels, classified = await model.predict_labels(
+                    [image_from_tensor_element(v, INPUT_NAME) for v in tensor.string_val],
+                    spec_version(request.model_spec),
                 )
             except BentoMLException as exc:
                 await abort_with(context, exc)
             response = pb.predict_pb2.PredictResponse()
             response.model_spec.name = model.name
-            response.model_spec.version.value = model.version
+            response.model_spec.version.value = classified.version
             response.model_spec.signature_name = SIGNATURE_NAME
             output = response.outputs[OUTPUT_NAME]
             output.dtype = pb.types_pb2.DT_STRING
             output.tensor_shape.dim.add(size=len(labels))
             output.string_val.extend(label.encode() for label in labels)
-            if model.warning:
-                context.set_trailing_metadata(((WARNING_KEY, model.warning),))
+            if classified.warning:
+                context.set_trailing_metadata(((WARNING_KEY, classified.warning),))
             return response
 
         async def GetModelMetadata(self, request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:  # noqa: N802
             try:
-                model.check(request.model_spec.name, spec_version(request.model_spec))
+                model.check(request.model_spec.name)
                 if list(request.metadata_field) != ["signature_def"]:
                     raise BadInput("metadata_field must be ['signature_def']")
+                status = await model.available(spec_version(request.model_spec))
             except BentoMLException as exc:
                 await abort_with(context, exc)
             response = pb.get_model_metadata_pb2.GetModelMetadataResponse()
             response.model_spec.name = model.name
-            response.model_spec.version.value = model.version
+            response.model_spec.version.value = status["version"]
             response.metadata["signature_def"].Pack(model.signature_def_map())
-            response.metadata["weights"].Pack(wrappers_pb2.StringValue(value=model.weights))
-            response.metadata["engine"].Pack(json_format.ParseDict(model.engine, struct_pb2.Struct()))
+            response.metadata["weights"].Pack(wrappers_pb2.StringValue(value=weights.kind(status["metadata"])))
+            response.metadata["engine"].Pack(json_format.ParseDict(status["engine"], struct_pb2.Struct()))
             return response
 
     class ModelService(pb.model_service_pb2_grpc.ModelServiceServicer):
         async def GetModelStatus(self, request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:  # noqa: N802
             try:
-                model.check(request.model_spec.name, spec_version(request.model_spec))
+                model.check(request.model_spec.name)
+                return await model.status(spec_version(request.model_spec))
             except BentoMLException as exc:
                 await abort_with(context, exc)
-            return model.status()
 
     return [
         (
