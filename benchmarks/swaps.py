@@ -36,7 +36,7 @@ from benchmarks.model_copies import add_version
 from benchmarks.timing import percentile
 from inception_v3.settings import PROJECT_ROOT, Settings, read_settings, write_config_on_free_ports
 
-STEADY_S = 10.0
+STEADY_S = 30.0  # also the warm-up of the stack's memory under this load
 AFTER_SWAP_S = 1.0  # the swap's window ends this long after the old version ended
 SETTLE_S = 3.0  # between swaps: memory is measured at the end of it
 TARGETS = {"lost_requests": 0, "pss_growth": 0.05}
@@ -130,8 +130,11 @@ def wait(condition: Any, timeout_s: float, what: str) -> float:
     return found
 
 
-def stack_pss_gib(pid: int) -> float:
-    return sum(m["pss"] for m in memory_of_tree(pid).values()) / 2**30
+def stack_pss(pid: int) -> tuple[float, float]:
+    """The whole stack's PSS and the runner worker's, in GiB."""
+    usage = memory_of_tree(pid)
+    runner = sum(m["pss"] for name, m in usage.items() if "worker.runner" in name)
+    return sum(m["pss"] for m in usage.values()) / 2**30, runner / 2**30
 
 
 def one_swap(load: Load, store: Path, settings: Settings) -> dict[str, Any]:
@@ -170,19 +173,23 @@ def run(swaps: int, concurrency: int, work: Path) -> dict[str, Any]:
         steady_from = time.monotonic() + 3  # warm-up
         time.sleep(3 + STEADY_S)
         steady_p99 = load.p99_ms(steady_from, time.monotonic())
-        pss_before = stack_pss_gib(launcher.pid)
-        log(f"steady: p99 {steady_p99:.0f} ms at concurrency {concurrency}; stack PSS {pss_before:.3f} GiB")
+        pss_before, runner_before = stack_pss(launcher.pid)
+        log(
+            f"steady: p99 {steady_p99:.0f} ms at concurrency {concurrency}; stack PSS {pss_before:.3f} GiB "
+            f"(runner worker {runner_before:.3f})"
+        )
         results = []
         for number in range(swaps):
             swap = one_swap(load, store, settings)
             swap["p99_vs_steady"] = swap["p99_ms"] / steady_p99
-            swap["pss_gib"] = stack_pss_gib(launcher.pid)
+            swap["pss_gib"], swap["runner_pss_gib"] = stack_pss(launcher.pid)
             swap["pss_vs_before"] = swap["pss_gib"] / pss_before
             results.append(swap)
             log(
                 f"swap {number + 1}/{swaps}: version {swap['version']} answered {swap['save_to_serving_s']:.2f} s "
                 f"after it appeared; p99 {swap['p99_ms']:.0f} ms ({swap['p99_vs_steady']:.2f}x steady); "
-                f"PSS {swap['pss_gib']:.3f} GiB ({swap['pss_vs_before']:.3f}x before)"
+                f"PSS {swap['pss_gib']:.3f} GiB ({swap['pss_vs_before']:.3f}x before; runner worker "
+                f"{swap['runner_pss_gib']:.3f})"
             )
         load.stop()
         requests = len(load.records)
@@ -193,6 +200,7 @@ def run(swaps: int, concurrency: int, work: Path) -> dict[str, Any]:
             "lost_requests": load.lost(),
             "steady_p99_ms": steady_p99,
             "pss_before_gib": pss_before,
+            "runner_pss_before_gib": runner_before,
             "swaps": results,
         }
     finally:

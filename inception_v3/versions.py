@@ -172,7 +172,8 @@ class ServedVersions:
     def status(self) -> list[dict[str, t.Any]]:
         with self.lock:
             current = sorted(self.versions.values(), key=lambda v: v.number, reverse=True)
-            return [v.status() for v in [*current, *reversed(self.ended)]]
+            ended = [v for v in reversed(self.ended) if v.number not in self.versions]  # not served again since
+            return [v.status() for v in [*current, *ended]]
 
     # --- loading and unloading -----------------------------------------------------------------
 

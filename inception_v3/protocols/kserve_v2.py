@@ -142,14 +142,17 @@ class ServedModel:
         if version == "":
             return None
         if not version.isdigit() or len(version) > 18:
-            raise ModelNotFound(f"Request for unknown model: '{name}' version {version} is not found")
+            raise self.not_found(version)
         return int(version)
+
+    def not_found(self, version: int | str | None) -> ModelNotFound:
+        return ModelNotFound(f"Request for unknown model: '{self.name}' version {version} is not found")
 
     async def available(self, version: int | None) -> dict[str, t.Any]:
         try:
             return await self.classifier.available(version)
         except ModelNotFound:
-            raise ModelNotFound(f"Request for unknown model: '{self.name}' version {version} is not found") from None
+            raise self.not_found(version) from None
 
     async def version_ready(self, version: int | None) -> bool:
         if not await self.ready():
@@ -192,7 +195,7 @@ class ServedModel:
         except UnsupportedMediaType as error:  # a tensor element, not the HTTP body, is of the wrong type
             raise InvalidImage(error.message) from None
         except ModelNotFound:
-            raise ModelNotFound(f"Request for unknown model: '{self.name}' version {version} is not found") from None
+            raise self.not_found(version) from None
         wanted = requested or map(RequestedOutput, OUTPUT_SHAPES)
         return [self.output(request, classified.probabilities) for request in wanted], str(classified.version)
 

@@ -102,12 +102,15 @@ class ServedModel:
         if signature not in ("", SIGNATURE_NAME):
             raise BadInput(f'Serving signature name: "{signature}" not found in signature def')
 
+    def not_found(self, version: int | None) -> ModelNotFound:
+        spec = f"Specific({self.name}, {version})" if version is not None else f"Latest({self.name})"
+        return ModelNotFound(f"Servable not found for request: {spec}")
+
     async def available(self, version: int | None) -> dict[str, t.Any]:
         try:
             return await self.classifier.available(version)
         except ModelNotFound:
-            spec = f"Specific({self.name}, {version})" if version is not None else f"Latest({self.name})"
-            raise ModelNotFound(f"Servable not found for request: {spec}") from None
+            raise self.not_found(version) from None
 
     async def predict_labels(self, images: list[bytes], version: int | None) -> tuple[list[str], Classified]:
         if not images:
@@ -115,7 +118,7 @@ class ServedModel:
         try:
             classified = await self.classifier.classify_files(images, version)
         except ModelNotFound:
-            raise ModelNotFound(f"Servable not found for request: Specific({self.name}, {version})") from None
+            raise self.not_found(version) from None
         return [top_k(row, self.classifier.class_names, 1)[0][0] for row in classified.probabilities], classified
 
     def signature_def_map(self) -> t.Any:
@@ -139,7 +142,7 @@ class ServedModel:
         if version is not None:
             statuses = [s for s in statuses if s["version"] == version]
             if not statuses:
-                raise ModelNotFound(f"Servable not found for request: Specific({self.name}, {version})")
+                raise self.not_found(version)
         return pb.get_model_status_pb2.GetModelStatusResponse(
             model_version_status=[
                 {
