@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         ov_engine.save_ir(ir, Path(saved.path), "fp32")
         if int8_ir is not None:
             ov_engine.save_ir(int8_ir, Path(saved.path), "int8")
+        # BentoML makes the folder 0700 (a temporary directory): readable by the serving
+        # container's user (uid 1034) too when this store is mounted in it, as its files are.
+        os.chmod(saved.path, 0o755)
     print(saved.tag)
     return 0
 

@@ -31,6 +31,7 @@ generator shares the CPU with the servers, as any client on the same machine wou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -43,7 +44,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -500,16 +501,29 @@ def stack_environment(work: Path, config: Path) -> dict[str, str]:
     }
 
 
+@contextlib.contextmanager
+def launched_stack(env: dict[str, str], work: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``python -m inception_v3.launcher`` in the benchmark's environment, logging to work/serve.log; stopped after."""
+    with (work / "serve.log").open("wb") as log_file:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "inception_v3.launcher"], env=env, cwd=PROJECT_ROOT, stdout=log_file, stderr=log_file
+        )
+        try:
+            yield launcher
+        finally:
+            launcher.send_signal(signal.SIGTERM)
+            try:
+                launcher.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                launcher.kill()
+
+
 def run_stack(
     env: dict[str, str], work: Path, points: list[LoadPoint], interleaved: tuple[int, float, int] | None = None
 ) -> dict[str, Any]:
     """Start the stack, run the load points, measure its memory, then ``run_paired(*interleaved)``."""
     t0 = time.time()
-    log_file = (work / "serve.log").open("wb")
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "inception_v3.launcher"], env=env, cwd=PROJECT_ROOT, stdout=log_file, stderr=log_file
-    )
-    try:
+    with launched_stack(env, work) as launcher:
         load_args = ["load", "--t0", str(t0), "--points", json.dumps([p.__dict__ for p in points])]
         load = child(load_args, env, work / "load.json")
         if launcher.poll() is not None:
@@ -533,13 +547,6 @@ def run_stack(
             arguments = ["paired", "--rounds", str(rounds), "--duration", str(duration), "--requests", str(requests)]
             load["paired"] = child(arguments, env, work / "paired.json")
         return load
-    finally:
-        launcher.send_signal(signal.SIGTERM)
-        try:
-            launcher.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            launcher.kill()
-        log_file.close()
 
 
 STACKS = {"serving": "default precision", "serving_int8": "int8"}

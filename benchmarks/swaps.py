@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,16 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench import DOCS_DIR, IMAGE_FILE, RESULTS_DIR, log, machine, memory_of_tree, stack_environment
+from benchmarks.bench import (
+    DOCS_DIR,
+    IMAGE_FILE,
+    RESULTS_DIR,
+    launched_stack,
+    log,
+    machine,
+    memory_of_tree,
+    stack_environment,
+)
 from benchmarks.model_copies import add_version
 from benchmarks.timing import percentile
 from inception_v3.settings import PROJECT_ROOT, Settings, read_settings, write_config_on_free_ports
@@ -160,13 +168,9 @@ def run(swaps: int, concurrency: int, work: Path) -> dict[str, Any]:
     log("saving a random-weights model into the benchmark's own store")
     save = [sys.executable, "save_model.py", "--random-weights"]
     subprocess.run(save, env=env, cwd=PROJECT_ROOT, check=True, capture_output=True)
-    log_file = (work / "serve.log").open("wb")
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "inception_v3.launcher"], env=env, cwd=PROJECT_ROOT, stdout=log_file, stderr=log_file
-    )
     from inception_v3.launcher import wait_ready
 
-    try:
+    with launched_stack(env, work) as launcher:
         if not wait_ready(settings, 240, launcher.pid):
             raise RuntimeError(f"the stack did not get ready; see {work / 'serve.log'}")
         load = Load(settings.http_port, settings.grpc_port, concurrency)
@@ -203,13 +207,6 @@ def run(swaps: int, concurrency: int, work: Path) -> dict[str, Any]:
             "runner_pss_before_gib": runner_before,
             "swaps": results,
         }
-    finally:
-        launcher.send_signal(signal.SIGTERM)
-        try:
-            launcher.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            launcher.kill()
-        log_file.close()
 
 
 def main(argv: list[str] | None = None) -> int:

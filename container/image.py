@@ -36,6 +36,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -179,6 +180,12 @@ def run(tag: str, name: str, config: Path | None, state_file: Path, model_store:
         else ["-v", f"{config.resolve()}:{CONTAINER_CONFIG}:ro", "-e", f"BENTOML_CONFIG={CONTAINER_CONFIG}"]
     )
     if model_store is not None:
+        if hidden := not_world_readable(model_store):
+            raise SystemExit(
+                f"error: the image's user (uid 1034) cannot read {len(hidden)} entries of {model_store}, e.g. "
+                f"{hidden[0]} (models saved before save_model.py made them readable); "
+                f"fix with: chmod -R a+rX {model_store}"
+            )
         options += ["-v", f"{model_store.resolve()}:{CONTAINER_MODEL_STORE}:ro"]
         options += ["-e", f"INCEPTION_V3_MODEL_STORE={CONTAINER_MODEL_STORE}"]
     state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -201,6 +208,13 @@ def run(tag: str, name: str, config: Path | None, state_file: Path, model_store:
         container = Container(backend, name, tag, pid=process.pid, log=str(log), options=options)
     state_file.write_text(json.dumps(asdict(container)))
     return container
+
+
+def not_world_readable(folder: Path) -> list[Path]:
+    """What under ``folder`` a user other than its owner cannot read (folders: also enter)."""
+    needed = {True: stat.S_IROTH | stat.S_IXOTH, False: stat.S_IROTH}
+    entries = [folder, *folder.rglob("*")]
+    return [path for path in entries if path.lstat().st_mode & needed[path.is_dir()] != needed[path.is_dir()]]
 
 
 def execute(container: Container, command: list[str]) -> subprocess.CompletedProcess[str]:
