@@ -26,7 +26,7 @@ its pid.
 
 SIGHUP asks the runner to look at the model store now (``versions``: it polls it
 every ``model_poll_s`` seconds anyway): the launcher passes it on to the runner's
-workers as ``runner.RELOAD_SIGNAL``.
+workers as ``versions.RELOAD_SIGNAL``.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import psutil
 from . import lineage
 from .settings import PROJECT_ROOT, SERVICE_NAME, Settings, load_settings
 from .tls import ClientTls, grpc_channel, http_url
+from .versions import RELOAD_SIGNAL
 
 STOP_TIMEOUT_S = 30
 POLL_S = 0.2
@@ -203,8 +204,6 @@ RUNNER_WORKER_MODULE = "bentoml_cli.worker.runner"
 
 def ask_runner_to_reload(runner: Piece) -> None:
     """Pass SIGHUP on to the runner's workers, which look at the model store at once."""
-    from .runner import RELOAD_SIGNAL  # here: the launcher itself needs no bentoml until asked
-
     workers = [p for p in descendants(runner.process.pid) if RUNNER_WORKER_MODULE in p.cmdline()]
     for worker in workers:
         worker.send_signal(RELOAD_SIGNAL)

@@ -39,7 +39,6 @@ from .weights import warning as weights_warning
 logger = logging.getLogger(__name__)
 
 CLASSES = 1000
-RELOAD_SIGNAL = signal.SIGUSR1  # to a runner worker: look at the model store now
 
 
 def connect_without_environment() -> None:
@@ -81,7 +80,7 @@ class StoreWatch:
     store_path: str | None  # None: the store BentoML uses here
     model_tag: str
     policy: versions.VersionPolicy
-    poll_s: float  # 0: only when signalled (RELOAD_SIGNAL)
+    poll_s: float  # 0: only when signalled (versions.RELOAD_SIGNAL)
 
 
 class InceptionV3Runnable(bentoml.legacy.Runnable):
@@ -116,7 +115,7 @@ class InceptionV3Runnable(bentoml.legacy.Runnable):
         self.engine_reported = False
         if store_watch is not None:
             if threading.current_thread() is threading.main_thread():  # a runner worker's start
-                signal.signal(RELOAD_SIGNAL, lambda _signum, _frame: self.versions.refresh_soon())
+                signal.signal(versions.RELOAD_SIGNAL, lambda _signum, _frame: self.versions.refresh_soon())
             self.versions.watch(store_watch.poll_s)
 
     def load_on_start_thread(self, bento_model: bentoml.Model) -> tuple[engines.Engine, engines.Choice]:

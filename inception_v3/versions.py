@@ -20,6 +20,7 @@ import contextlib
 import enum
 import gc
 import logging
+import signal
 import threading
 import time
 import typing as t
@@ -38,6 +39,7 @@ if t.TYPE_CHECKING:  # bentoml is imported where used: the settings (and the lau
 
 logger = logging.getLogger(__name__)
 
+RELOAD_SIGNAL = signal.SIGUSR1  # to a runner worker: look at the model store now (the launcher sends it)
 DEFAULT = -1  # a request that names no version: the newest available one answers
 NOT_SERVED = -1  # the answer for a request whose version is not available
 ENDED_KEPT = 8  # ended versions the status still lists
