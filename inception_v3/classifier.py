@@ -11,11 +11,14 @@ and top-k, and what the model is (its versions, their states, weights and engine
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import typing as t
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import bentoml
 import numpy as np
+from bentoml.exceptions import BentoMLException
 
 from . import versions, weights
 from .api import Prediction, requested_top_k, requested_version, to_prediction
@@ -81,6 +84,26 @@ class Classifier:
             statuses = await self.runner.model_status.async_run()
         self.warnings.update({s["version"]: weights.warning(s["metadata"]) for s in statuses})
         return statuses
+
+    @contextlib.asynccontextmanager
+    async def versioned(
+        self, version: int | None, not_found: t.Callable[[int | None], ModelNotFound]
+    ) -> AsyncIterator[None]:
+        """Around a door's handling of a request for ``version``: a version not served is
+        ``not_found(version)`` (each protocol words it its own way) and, as TF Serving has
+        it, wins over whatever else is wrong with the request. That is asked of the runner
+        only once something else failed: a good request costs no call more."""
+        try:
+            yield
+        except ModelNotFound:
+            raise not_found(version) from None
+        except BentoMLException:
+            if version is not None:
+                try:
+                    await self.available(version)
+                except ModelNotFound:
+                    raise not_found(version) from None
+            raise
 
     async def available(self, version: int | None = None) -> dict[str, t.Any]:
         """The status of ``version`` (default: the newest available), if it is available; else 404."""

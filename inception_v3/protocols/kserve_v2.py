@@ -148,11 +148,12 @@ class ServedModel:
     def not_found(self, version: int | str | None) -> ModelNotFound:
         return ModelNotFound(f"Request for unknown model: '{self.name}' version {version} is not found")
 
+    def versioned(self, version: int | None) -> t.AsyncContextManager[None]:
+        return self.classifier.versioned(version, self.not_found)
+
     async def available(self, version: int | None) -> dict[str, t.Any]:
-        try:
+        async with self.versioned(version):
             return await self.classifier.available(version)
-        except ModelNotFound:
-            raise self.not_found(version) from None
 
     async def version_ready(self, version: int | None) -> bool:
         if not await self.ready():
@@ -194,8 +195,6 @@ class ServedModel:
             classified = await self.classifier.classify_files(images, version)
         except UnsupportedMediaType as error:  # a tensor element, not the HTTP body, is of the wrong type
             raise InvalidImage(error.message) from None
-        except ModelNotFound:
-            raise self.not_found(version) from None
         wanted = requested or map(RequestedOutput, OUTPUT_SHAPES)
         return [self.output(request, classified.probabilities) for request in wanted], str(classified.version)
 
@@ -358,11 +357,10 @@ def rest_app(model: ServedModel, server_metadata: dict[str, t.Any]) -> Starlette
 
     async def infer(request: Request) -> Response:
         version = checked(request)
-        if version is not None:  # an unknown version first, whatever the body
-            await model.available(version)
-        body, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
-        requested = rest_outputs(body)
-        outputs, answered = await model.infer(rest_images(body, binary), requested, version)
+        async with model.versioned(version):
+            body, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
+            requested = rest_outputs(body)
+            outputs, answered = await model.infer(rest_images(body, binary), requested, version)
         return rest_response(model, answered, body, outputs, {o.name for o in requested if o.binary})
 
     model_paths = ("/models/{name}", "/models/{name}/versions/{version}")
@@ -452,9 +450,8 @@ def grpc_servicer(model: ServedModel, server_metadata: dict[str, t.Any]) -> type
         async def ModelInfer(self, request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:  # noqa: N802
             # Errors raised here reach the client through guards.GrpcGuard, with their status code.
             version = model.check(request.model_name, request.model_version)
-            if version is not None:
-                await model.available(version)
-            outputs, answered = await model.infer(grpc_images(request), grpc_outputs(request), version)
+            async with model.versioned(version):
+                outputs, answered = await model.infer(grpc_images(request), grpc_outputs(request), version)
             return pb.ModelInferResponse(
                 model_name=model.name,
                 model_version=answered,

@@ -106,19 +106,17 @@ class ServedModel:
         spec = f"Specific({self.name}, {version})" if version is not None else f"Latest({self.name})"
         return ModelNotFound(f"Servable not found for request: {spec}")
 
+    def versioned(self, version: int | None) -> t.AsyncContextManager[None]:
+        return self.classifier.versioned(version, self.not_found)
+
     async def available(self, version: int | None) -> dict[str, t.Any]:
-        try:
+        async with self.versioned(version):
             return await self.classifier.available(version)
-        except ModelNotFound:
-            raise self.not_found(version) from None
 
     async def predict_labels(self, images: list[bytes], version: int | None) -> tuple[list[str], Classified]:
         if not images:
             raise BadInput(f"input '{INPUT_NAME}' is empty: send at least one image")
-        try:
-            classified = await self.classifier.classify_files(images, version)
-        except ModelNotFound:
-            raise self.not_found(version) from None
+        classified = await self.classifier.classify_files(images, version)
         return [top_k(row, self.classifier.class_names, 1)[0][0] for row in classified.probabilities], classified
 
     def signature_def_map(self) -> t.Any:
@@ -203,16 +201,15 @@ def rest_app(model: ServedModel) -> Starlette:
             if request.method == "GET" and not verb and tail == "metadata":
                 return JSONResponse(metadata_json(model, await model.available(version)))
             if request.method == "POST" and verb == "predict" and tail == "":
-                if version is not None:  # as TF Serving: an unknown servable first, whatever the body
-                    await model.available(version)
-                try:
-                    body = json.loads(await request.body())
-                except (ValueError, RecursionError) as parse_error:  # RecursionError: nested too deep
-                    raise BadInput(f"body is not valid JSON: {parse_error}") from None
-                images, output_key = rest_images(body)
-                if body.get("signature_name"):
-                    model.check(model.name, body["signature_name"])
-                labels, classified = await model.predict_labels(images, version)
+                async with model.versioned(version):
+                    try:
+                        body = json.loads(await request.body())
+                    except (ValueError, RecursionError) as parse_error:  # RecursionError: nested too deep
+                        raise BadInput(f"body is not valid JSON: {parse_error}") from None
+                    images, output_key = rest_images(body)
+                    if body.get("signature_name"):
+                        model.check(model.name, body["signature_name"])
+                    labels, classified = await model.predict_labels(images, version)
                 headers = {VERSION_KEY: str(classified.version)}
                 if classified.warning:
                     headers[WARNING_KEY] = classified.warning
@@ -261,17 +258,16 @@ def grpc_servicers(model: ServedModel) -> list[tuple[type, t.Callable[..., None]
         async def Predict(self, request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:  # noqa: N802
             try:
                 model.check(request.model_spec.name, request.model_spec.signature_name)
-                if request.model_spec.HasField("version"):  # an unknown servable first, whatever the inputs
-                    await model.available(request.model_spec.version.value)
-                if set(request.inputs) != {INPUT_NAME}:
-                    raise BadInput(f"expected exactly one input named '{INPUT_NAME}', got {sorted(request.inputs)}")
-                tensor = request.inputs[INPUT_NAME]
-                if tensor.dtype != pb.types_pb2.DT_STRING:
-                    raise BadInput(f"input '{INPUT_NAME}' must be DT_STRING")
-                labels, classified = await model.predict_labels(
-                    [image_from_tensor_element(v, INPUT_NAME) for v in tensor.string_val],
-                    spec_version(request.model_spec),
-                )
+                version = spec_version(request.model_spec)
+                async with model.versioned(version):
+                    if set(request.inputs) != {INPUT_NAME}:
+                        raise BadInput(f"expected exactly one input named '{INPUT_NAME}', got {sorted(request.inputs)}")
+                    tensor = request.inputs[INPUT_NAME]
+                    if tensor.dtype != pb.types_pb2.DT_STRING:
+                        raise BadInput(f"input '{INPUT_NAME}' must be DT_STRING")
+                    labels, classified = await model.predict_labels(
+                        [image_from_tensor_element(v, INPUT_NAME) for v in tensor.string_val], version
+                    )
             except BentoMLException as exc:
                 await abort_with(context, exc)
             response = pb.predict_pb2.PredictResponse()
