@@ -105,10 +105,16 @@ class Classifier:
                     raise not_found(version) from None
             raise
 
+    async def available_versions(self) -> list[dict[str, t.Any]]:
+        """The statuses of the versions that answer requests, newest first."""
+        return [s for s in await self.model_status() if s["state"] == versions.State.AVAILABLE.value]
+
     async def available(self, version: int | None = None) -> dict[str, t.Any]:
         """The status of ``version`` (default: the newest available), if it is available; else 404."""
-        statuses = [s for s in await self.model_status() if s["state"] == versions.State.AVAILABLE.value]
-        for status in statuses:
+        return self.pick(await self.available_versions(), version)
+
+    def pick(self, available: list[dict[str, t.Any]], version: int | None) -> dict[str, t.Any]:
+        for status in available:
             if version is None or status["version"] == version:
                 return status
         raise ModelNotFound(f"version {version} of {self.name} is not available")

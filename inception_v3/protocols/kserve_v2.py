@@ -42,7 +42,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from tritonclient.grpc import service_pb2 as pb
 
-from .. import openapi, versions
+from .. import openapi
 from ..api import image_from_tensor_element, json_value_to_image
 from ..errors import InvalidImage, ModelNotFound, UnsupportedMediaType
 from ..labels import NUM_CLASSES, top_k_indices
@@ -165,12 +165,12 @@ class ServedModel:
         return True
 
     async def metadata(self, version: int | None) -> dict[str, t.Any]:
-        status = await self.available(version)
-        statuses = await self.classifier.model_status()
-        engine = status["engine"]
+        async with self.versioned(version):
+            available = await self.classifier.available_versions()
+            engine = self.classifier.pick(available, version)["engine"]
         return {
             "name": self.name,
-            "versions": [str(s["version"]) for s in statuses if s["state"] == versions.State.AVAILABLE.value],
+            "versions": [str(s["version"]) for s in available],
             "platform": f"{engine['engine']}_{engine['precision']}",  # what runs it here, as Triton names backends
             "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
             "outputs": [
