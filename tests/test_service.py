@@ -42,6 +42,15 @@ def test_predict_in_process(app, cat_jpeg, reference_classify):
     assert response.headers["x-request-id"]
 
 
+def test_every_bentoml_app_of_the_service_frees_answered_requests(app):
+    """Its HTTP API servers and its runner server build their timeout from this class (``tests/test_timeouts.py``)."""
+    from bentoml._internal.server.http import traffic
+
+    from inception_v3.guards import RequestTimeout
+
+    assert traffic.TimeoutMiddleware is RequestTimeout
+
+
 def test_predict_multipart_upload(app, cat_jpeg, reference_classify):
     response = app.post("/predict", files={"image": ("cat.jpg", cat_jpeg, "image/jpeg")})
     assert response.status_code == 200, response.text

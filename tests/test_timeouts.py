@@ -1,0 +1,59 @@
+"""The per-request timeout of the HTTP API servers and the runner (``guards.RequestTimeout``):
+a late answer is 504, and an answered request is freed at once, not after the timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import gc
+import json
+import weakref
+
+from inception_v3.asgi import Message, Receive, Scope, Send
+from inception_v3.guards import RequestTimeout
+
+request_var: contextvars.ContextVar[object] = contextvars.ContextVar("request_var")
+
+
+class Request:
+    """Stands in for what BentoML keeps in a request's context: the request and its body."""
+
+
+def serve_one(delay_s: float, timeout_s: float) -> tuple[list[Message], int]:
+    """Serve one request that takes ``delay_s``; return what was sent, and how many of its
+    request objects were still held once it was over, the event loop still running (as in a server)."""
+    sent: list[Message] = []
+    requests: list[weakref.ref] = []
+
+    async def app(_scope: Scope, _receive: Receive, send: Send) -> None:
+        request = Request()
+        requests.append(weakref.ref(request))
+        request_var.set(request)
+        await asyncio.sleep(delay_s)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def serve() -> int:
+        await asyncio.create_task(RequestTimeout(app, timeout=timeout_s)({"type": "http"}, receive, send))
+        gc.collect()
+        return sum(request() is not None for request in requests)
+
+    return sent, asyncio.run(serve())
+
+
+def test_an_answered_request_is_freed_at_once() -> None:
+    sent, held = serve_one(delay_s=0, timeout_s=30)
+    assert sent[0]["status"] == 200
+    assert held == 0, "the request outlived its answer"
+
+
+def test_a_late_answer_is_504_with_a_json_error() -> None:
+    sent, _ = serve_one(delay_s=5, timeout_s=0.05)
+    assert sent[0]["status"] == 504
+    assert json.loads(sent[1]["body"]) == {"error": "not answered within 0.05 s"}
