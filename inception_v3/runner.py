@@ -71,6 +71,7 @@ def runnable_init_params(bento_model: bentoml.Model, settings: Settings, watch: 
         "engine": settings.engine,
         "precision": settings.precision,
         "xla_batch_sizes": settings.xla_batch_sizes,
+        "openvino_batch_limit": settings.openvino_batch_limit,
         "store_watch": store_watch if watch else None,
     }
 
@@ -93,9 +94,14 @@ class InceptionV3Runnable(bentoml.legacy.Runnable):
         engine: str,
         precision: str,
         xla_batch_sizes: Sequence[int],
+        openvino_batch_limit: int = 0,
         store_watch: StoreWatch | None = None,
     ) -> None:
-        self.engine_setting, self.precision_setting, self.xla_batch_sizes = engine, precision, xla_batch_sizes
+        self.engine_setting, self.precision_setting = engine, precision
+        self.engine_options = {
+            "tensorflow": {"xla_batch_sizes": xla_batch_sizes},
+            "openvino": {"batch_limit": openvino_batch_limit},
+        }
         if store_watch is None:
             policy, list_models = versions.VersionPolicy(latest=1), lambda: [bento_model]
         else:
@@ -139,8 +145,7 @@ class InceptionV3Runnable(bentoml.legacy.Runnable):
         """Load and warm one version (so it answers its first request at full speed)."""
         started = time.perf_counter()
         choice = engines.choose_here(self.engine_setting, self.precision_setting, bento_model)
-        options = {"xla_batch_sizes": self.xla_batch_sizes} if choice.engine == "tensorflow" else {}
-        engine = engines.load(choice, bento_model, **options)
+        engine = engines.load(choice, bento_model, **self.engine_options[choice.engine])
         load_s = time.perf_counter() - started
         engine(np.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), np.uint8))
         logger.info(

@@ -48,6 +48,7 @@ class Settings:
     engine: str
     precision: str
     xla_batch_sizes: tuple[int, ...]
+    openvino_batch_limit: int
     api_keys_file: str | None
     protect_health_and_metrics: bool
     tls: bool  # api_server.ssl.enabled: both doors serve TLS only
@@ -108,6 +109,7 @@ def read_settings(path: Path) -> Settings:
         engine=own["engine"],
         precision=own["precision"],
         xla_batch_sizes=tuple(own["xla_batch_sizes"]),
+        openvino_batch_limit=own["openvino_batch_limit"],
         api_keys_file=auth.get("api_keys_file"),
         protect_health_and_metrics=bool(auth.get("protect_health_and_metrics")),
         tls=bool(tls.get("enabled")),

@@ -1,5 +1,5 @@
-"""The engines in process: OpenVINO fp32 answers as TensorFlow fp32 does, the reduced
-precisions run, ``auto`` follows the CPU's flags, int8 is saved from calibration
+"""The engines in process: OpenVINO fp32 answers as TensorFlow fp32 does (a batch in
+parts too), the reduced precisions run, ``auto`` follows the CPU's flags, int8 is saved from calibration
 images, a model saved before the OpenVINO IR still loads, and XLA stays optional."""
 
 from __future__ import annotations
@@ -48,6 +48,12 @@ def tensorflow_fp32(bento_model, batch) -> np.ndarray:
 def test_openvino_fp32_equals_tensorflow_fp32(bento_model, batch, tensorflow_fp32) -> None:
     answer = load(bento_model, "openvino", "fp32")(batch)
     assert answer.shape == (len(batch), 1000) and answer.dtype == np.float32
+    np.testing.assert_allclose(answer, tensorflow_fp32, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("batch_limit", [1, 2])
+def test_openvino_batch_in_parts_answers_as_whole(bento_model, batch, tensorflow_fp32, batch_limit: int) -> None:
+    answer = load(bento_model, "openvino", "fp32", batch_limit=batch_limit)(batch)
     np.testing.assert_allclose(answer, tensorflow_fp32, rtol=1e-4, atol=1e-7)
 
 
