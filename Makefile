@@ -37,7 +37,7 @@ endif
 
 setup: $(INSTALLED)
 
-$(INSTALLED): requirements.txt requirements-dev.txt requirements-gpu.txt constraints.txt container/bentoml_patch.py
+$(INSTALLED): requirements.txt requirements-tensorflow.txt requirements-dev.txt requirements-gpu.txt constraints.txt container/bentoml_patch.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt $(if $(GPU),-r requirements-gpu.txt) -c constraints.txt
 	$(PY) -m container.bentoml_patch   # BentoML issue 5566: bentoml containerize with our Dockerfile template

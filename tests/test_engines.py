@@ -83,6 +83,14 @@ def test_auto_follows_the_cpu_flags_and_the_gpu(engine, precision, flags, gpu, e
     assert set(choice.cpu_flags) == flags & set(engines.REPORTED_FLAGS)
 
 
+def test_without_tensorflow_a_gpu_host_runs_openvino() -> None:
+    """The CPU image carries no TensorFlow: ``auto`` never picks it there, and naming it says why."""
+    choice = engines.choose("auto", "auto", ("fp32", "bf16"), {"avx512_bf16"}, gpu=True, available=("openvino",))
+    assert (choice.engine, choice.precision, choice.device) == ("openvino", "bf16", "CPU")
+    with pytest.raises(engines.EngineChoiceError, match="set engine to auto or openvino"):
+        engines.choose("tensorflow", "auto", ("fp32",), available=("openvino",))
+
+
 @pytest.mark.parametrize(
     ("engine", "precision", "offered", "message"),
     [

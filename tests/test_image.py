@@ -109,6 +109,14 @@ def test_client_gets_answers_from_the_image(
     assert answer.stdout.strip() == reference_classify(CAT_JPEG.read_bytes())["label"]
 
 
+def test_image_carries_no_tensorflow(container: image.Container) -> None:
+    """The CPU image serves with OpenVINO; TF Serving's doors use the project's copies of its protos."""
+    probe = "from inception_v3 import engines; print(engines.installed())"
+    result = image.execute(container, ["python", "-c", probe])
+    assert result.stdout.strip() == "('openvino',)", result.stderr
+    assert image.execute(container, ["python", "-c", "import tensorflow.python"]).returncode != 0
+
+
 def test_serves_from_one_runner_as_non_root(container: image.Container, backend: str) -> None:
     assert image.image_config(container.image, backend)["User"] == "bentoml"
     launcher = image.main_process(container)

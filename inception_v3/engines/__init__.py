@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import importlib.metadata
 import typing as t
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ if t.TYPE_CHECKING:
     import bentoml
 
 ENGINES = ("openvino", "tensorflow")
+LIBRARIES = {"openvino": "openvino", "tensorflow": "tensorflow"}  # the distribution each engine imports
 PRECISIONS = ("fp32", "bf16", "int8")
 # What each engine can run: TensorFlow serves fp32 only (its bf16 rewrite ran at a third
 # of OpenVINO's bf16 speed; see the benchmark); int8 needs the quantized IR save_model makes.
@@ -93,16 +95,31 @@ def gpu_visible() -> bool:
         return False
 
 
+@functools.cache
+def installed() -> tuple[str, ...]:
+    """The engines whose library is installed here (the CPU image carries no TensorFlow)."""
+    found = []
+    for name in ENGINES:
+        try:
+            importlib.metadata.version(LIBRARIES[name])
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return tuple(found)
+
+
 def choose(
     engine: str,
     precision: str,
     offered: t.Collection[str],
     flags: t.Collection[str] = (),
     gpu: bool = False,
+    available: t.Collection[str] = ENGINES,
 ) -> Choice:
-    """What runs here. ``offered``: the precisions the saved model carries for OpenVINO.
+    """What runs here. ``offered``: the precisions the saved model carries for OpenVINO;
+    ``available``: the engines installed.
 
-    ``auto`` engine: TensorFlow on an NVIDIA GPU, OpenVINO on CPUs. ``auto`` precision:
+    ``auto`` engine: TensorFlow on an NVIDIA GPU (where installed), OpenVINO on CPUs. ``auto`` precision:
     bf16 where the CPU has AMX-BF16 or AVX512_BF16 (OpenVINO), fp32 otherwise. int8 is
     never automatic: it changes answers, so it is asked for by name.
     """
@@ -110,7 +127,13 @@ def choose(
         raise EngineChoiceError(f"engine {engine!r}: expected auto or one of {', '.join(ENGINES)}")
     if precision not in ("auto", *PRECISIONS):
         raise EngineChoiceError(f"precision {precision!r}: expected auto or one of {', '.join(PRECISIONS)}")
-    name = engine if engine != "auto" else ("tensorflow" if gpu else "openvino")
+    name = engine if engine != "auto" else ("tensorflow" if gpu and "tensorflow" in available else "openvino")
+    if name not in available:
+        raise EngineChoiceError(
+            f"the {name} engine needs the {LIBRARIES[name]} package, which is not installed here "
+            "(the CPU container image carries no TensorFlow): set engine to auto or openvino, "
+            "or serve from an environment with requirements.txt installed"
+        )
     if precision == "auto":
         precision = "bf16" if name == "openvino" and any(flag in flags for flag in BF16_FLAGS) else "fp32"
     if precision not in ENGINE_PRECISIONS[name]:
@@ -130,7 +153,7 @@ def choose(
 
 def choose_here(engine: str, precision: str, bento_model: bentoml.Model) -> Choice:
     offered = bento_model.info.metadata.get("openvino_precisions", ())
-    return choose(engine, precision, offered, cpu_flags(), gpu_visible())
+    return choose(engine, precision, offered, cpu_flags(), gpu_visible(), installed())
 
 
 def load(choice: Choice, bento_model: bentoml.Model, **options: t.Any) -> Engine:

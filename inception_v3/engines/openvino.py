@@ -22,6 +22,7 @@ import numpy as np
 import openvino as ov
 
 from ..preprocessing import INPUT_SIZE
+from . import EngineChoiceError, installed
 
 if t.TYPE_CHECKING:
     import bentoml
@@ -70,6 +71,12 @@ def read_model(bento_model: bentoml.Model, precision: str) -> ov.Model:
     path = Path(bento_model.path) / IR_DIR / IR_FILES["int8" if precision == "int8" else "fp32"]
     if path.is_file():
         return ov.Core().read_model(str(path))
+    if "tensorflow" not in installed():
+        raise EngineChoiceError(
+            f"{bento_model.tag} has no OpenVINO IR (saved before it was stored), and converting its "
+            "SavedModel needs TensorFlow, which is not installed here: run save_model.py again "
+            "where requirements.txt is installed, then serve the new version"
+        )
     logger.warning(
         "%s has no OpenVINO IR (saved before it was stored): converting its SavedModel now; "
         "run save_model.py again to store the IR and start faster",

@@ -21,6 +21,7 @@ import json
 import sys
 import types
 import typing as t
+from pathlib import Path
 
 from bentoml.exceptions import BadInput, BentoMLException
 from google.protobuf import json_format, struct_pb2, wrappers_pb2
@@ -52,6 +53,11 @@ TF_SERVING_MODULES = (
 )
 
 
+# Copies of those modules and the ones they import, for hosts without TensorFlow (the CPU
+# image): container/tf_serving_protos.py makes them from the installed packages.
+VENDORED_PROTOS = Path(__file__).with_name("tf_serving_protos")
+
+
 def import_tf_serving_apis() -> types.SimpleNamespace:
     """Import TF Serving's protobuf modules without starting TensorFlow itself.
 
@@ -59,7 +65,10 @@ def import_tf_serving_apis() -> types.SimpleNamespace:
     ``tensorflow`` runs its ``__init__``: 5 s and 550 MB per API server. A bare
     package object stands in while the (pure protobuf) modules load, then goes
     away, so a later ``import tensorflow`` works as usual and reuses them.
+    Where ``tensorflow-serving-api`` is not installed, ``VENDORED_PROTOS`` is.
     """
+    if importlib.util.find_spec("tensorflow_serving") is None:
+        sys.path.append(str(VENDORED_PROTOS))
     stand_in = None
     if "tensorflow" not in sys.modules:
         location = importlib.util.find_spec("tensorflow").submodule_search_locations
