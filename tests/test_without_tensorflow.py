@@ -10,6 +10,8 @@ links to the rest), and answers as the OpenVINO engine does here.
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -17,12 +19,15 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 from container.tf_serving_protos import installed_modules
 from inception_v3.protocols.tfserving import VENDORED_PROTOS
 from tests.conftest import ROOT
 
 HIDDEN = ("tensorflow", "tensorflow_serving", "keras")  # and their .dist-info
+# Imported inside the functions that need them, never while serving on a CPU.
+IMPORTED_WHEN_NEEDED = {"tensorflow", "nncf"}  # the TensorFlow engine, save_model.py (--int8-calibration)
 
 SERVE_WITHOUT_TENSORFLOW = """
 import base64, json, site, sys
@@ -83,3 +88,56 @@ def test_the_service_serves_without_tensorflow(
     assert status == 200 and len(prediction["top_k"]) == 3
     status, tf_serving = answers["tf_serving"]
     assert status == 200 and tf_serving["predictions"] == [prediction["label"]]
+
+
+def test_every_package_the_serving_code_imports_comes_with_requirements_txt() -> None:
+    """Not through TensorFlow: Pillow did, until the image went without it."""
+    provided = set()
+    for distribution in dependency_closure(requirement_names(ROOT / "requirements.txt")):
+        provided |= top_level_modules(distribution)
+    imported = set()
+    for path in [ROOT / "service.py", *(ROOT / "inception_v3").rglob("*.py"), *(ROOT / "client").glob("*.py")]:
+        if VENDORED_PROTOS not in path.parents:
+            imported |= top_level_imports(path)
+    third_party = imported - set(sys.stdlib_module_names) - {"inception_v3", "client", "service"}
+    assert third_party - provided - IMPORTED_WHEN_NEEDED == set()
+
+
+def requirement_names(path: Path) -> list[Requirement]:
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return [Requirement(line) for line in lines if line and not line.startswith(("#", "-r"))]
+
+
+def dependency_closure(requirements: list[Requirement]) -> list[importlib.metadata.Distribution]:
+    """The installed distributions ``requirements`` pull in, extras and markers followed."""
+    found: dict[str, importlib.metadata.Distribution] = {}
+    pending = [(requirement, requirement.extras or {""}) for requirement in requirements]
+    while pending:
+        requirement, extras = pending.pop()
+        key = requirement.name.lower().replace("_", "-")
+        if key in found:
+            continue
+        found[key] = importlib.metadata.distribution(requirement.name)
+        for text in found[key].requires or []:
+            needed = Requirement(text)
+            if needed.marker is None or any(needed.marker.evaluate({"extra": extra}) for extra in extras):
+                pending.append((needed, needed.extras or {""}))
+    return list(found.values())
+
+
+def top_level_modules(distribution: importlib.metadata.Distribution) -> set[str]:
+    return {
+        file.parts[0].removesuffix(".py")
+        for file in distribution.files or []
+        if file.parts and not file.parts[0].endswith((".dist-info", ".data")) and file.parts[0] != ".."
+    }
+
+
+def top_level_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.partition(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.partition(".")[0])
+    return names
