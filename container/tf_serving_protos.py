@@ -12,21 +12,36 @@ checks that they equal the installed ones. TensorFlow and TF Serving are Apache-
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
-from inception_v3.protocols.tfserving import VENDORED_PROTOS, import_tf_serving_apis
+from inception_v3.protocols.tfserving import VENDORED_PROTOS
+from inception_v3.settings import PROJECT_ROOT
 
 PACKAGES = ("tensorflow", "tensorflow_serving")
 
 
+LIST_MODULES = """
+import json, sys
+from inception_v3.protocols.tfserving import import_tf_serving_apis
+import_tf_serving_apis()
+print(json.dumps({name: getattr(module, "__file__", None) for name, module in sys.modules.items()}))
+"""
+
+
 def installed_modules() -> dict[str, Path]:
-    """The modules TF Serving's doors import, with their packages' ``__init__.py``: relative path -> file."""
-    import_tf_serving_apis()
+    """The modules TF Serving's doors import, with their packages' ``__init__.py``: relative path -> file.
+
+    Listed by a fresh interpreter: one that has imported TensorFlow holds far more.
+    """
+    listed = subprocess.run(
+        [sys.executable, "-c", LIST_MODULES], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+    )
     files = {}
-    for name, module in sys.modules.items():
-        path = getattr(module, "__file__", None)
+    for name, path in json.loads(listed.stdout.strip().splitlines()[-1]).items():
         if name.partition(".")[0] in PACKAGES and path:
             relative = name.replace(".", "/") + ("/__init__.py" if path.endswith("__init__.py") else ".py")
             files[relative] = Path(path)
