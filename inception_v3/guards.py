@@ -532,6 +532,8 @@ class RequestTimeout(traffic.TimeoutMiddleware):
             await send(message)
 
         answer = asyncio.ensure_future(self.app(scope, receive, send_and_note))
+        # An app that fails before it answers ends the wait too (BentoML's waited for the timeout).
+        answer.add_done_callback(lambda _: answering.done() or answering.set_result(None))
         try:
             await answering
         except TimeoutError:

@@ -144,6 +144,18 @@ def test_a_model_saved_without_the_openvino_ir_is_converted_when_it_loads(
     np.testing.assert_allclose(engine(batch), tensorflow_fp32, rtol=1e-4, atol=1e-7)
 
 
+def test_without_tensorflow_a_model_saved_without_the_ir_says_to_save_it_again(
+    tmp_path: Path, bento_model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from inception_v3.engines import openvino
+
+    old = tmp_path / "old-model"
+    shutil.copytree(bento_model.path, old, ignore=shutil.ignore_patterns("openvino"))
+    monkeypatch.setattr(openvino, "installed", lambda: ("openvino",))  # as in the CPU image
+    with pytest.raises(engines.EngineChoiceError, match=r"run save_model\.py again"):
+        openvino.read_model(SimpleNamespace(path=str(old), tag="inception_v3:old"), "fp32")
+
+
 def test_xla_compiled_batch_size_answers_as_the_plain_graph(bento_model, batch, tensorflow_fp32) -> None:
     engine = load(bento_model, "tensorflow", "fp32", xla_batch_sizes=[2])
     engine.model.compiler.join()

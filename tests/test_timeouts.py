@@ -7,7 +7,10 @@ import asyncio
 import contextvars
 import gc
 import json
+import time
 import weakref
+
+import pytest
 
 from inception_v3.asgi import Message, Receive, Scope, Send
 from inception_v3.guards import RequestTimeout
@@ -19,7 +22,7 @@ class Request:
     """Stands in for what BentoML keeps in a request's context: the request and its body."""
 
 
-def serve_one(delay_s: float, timeout_s: float) -> tuple[list[Message], int]:
+def serve_one(delay_s: float, timeout_s: float, fail: bool = False) -> tuple[list[Message], int]:
     """Serve one request that takes ``delay_s``; return what was sent, and how many of its
     request objects were still held once it was over, the event loop still running (as in a server)."""
     sent: list[Message] = []
@@ -30,6 +33,8 @@ def serve_one(delay_s: float, timeout_s: float) -> tuple[list[Message], int]:
         requests.append(weakref.ref(request))
         request_var.set(request)
         await asyncio.sleep(delay_s)
+        if fail:
+            raise RuntimeError("failed before answering")
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
@@ -57,3 +62,10 @@ def test_a_late_answer_is_504_with_a_json_error() -> None:
     sent, _ = serve_one(delay_s=5, timeout_s=0.05)
     assert sent[0]["status"] == 504
     assert json.loads(sent[1]["body"]) == {"error": "not answered within 0.05 s"}
+
+
+def test_an_app_that_fails_before_answering_does_not_wait_for_the_timeout() -> None:
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="failed before answering"):
+        serve_one(delay_s=0, timeout_s=30, fail=True)
+    assert time.monotonic() - started < 5

@@ -132,7 +132,7 @@ def choose(
         raise EngineChoiceError(
             f"the {name} engine needs the {LIBRARIES[name]} package, which is not installed here "
             "(the CPU container image carries no TensorFlow): set engine to auto or openvino, "
-            "or serve from an environment with requirements.txt installed"
+            "or serve where requirements-tensorflow.txt is installed"
         )
     if precision == "auto":
         precision = "bf16" if name == "openvino" and any(flag in flags for flag in BF16_FLAGS) else "fp32"

@@ -75,7 +75,7 @@ def read_model(bento_model: bentoml.Model, precision: str) -> ov.Model:
         raise EngineChoiceError(
             f"{bento_model.tag} has no OpenVINO IR (saved before it was stored), and converting its "
             "SavedModel needs TensorFlow, which is not installed here: run save_model.py again "
-            "where requirements.txt is installed, then serve the new version"
+            "where requirements-tensorflow.txt is installed, then serve the new version"
         )
     logger.warning(
         "%s has no OpenVINO IR (saved before it was stored): converting its SavedModel now; "
