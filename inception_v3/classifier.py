@@ -60,13 +60,15 @@ class Classifier:
         self.check_count(len(images))
         if version is None:
             version = requested_version.get()
+        if version is not None and not versions.is_number(version):
+            raise self.not_available(version)
         async with runner_reachable():
             probabilities, answered = await self.runner.classify.async_run(
                 np.stack(images), versions.requested(len(images), version)
             )
         number = int(answered[0])
         if number == versions.NOT_SERVED:
-            raise ModelNotFound(f"version {version} of {self.name} is not available")
+            raise self.not_available(version)
         if number not in self.warnings:
             await self.model_status()
         return Classified(probabilities, number, self.warnings.get(number))
@@ -117,7 +119,10 @@ class Classifier:
         for status in available:
             if version is None or status["version"] == version:
                 return status
-        raise ModelNotFound(f"version {version} of {self.name} is not available")
+        raise self.not_available(version)
+
+    def not_available(self, version: int | None) -> ModelNotFound:
+        return ModelNotFound(f"version {version} of {self.name} is not available")
 
     def predictions(self, classified: Classified, k: int | None = None) -> list[Prediction]:
         k = k or requested_top_k.get() or self.settings.default_top_k

@@ -56,7 +56,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 from starlette.responses import JSONResponse
 
-from . import grpc_certificates, http_client_certificates
+from . import grpc_certificates, http_client_certificates, versions
 from .api import requested_top_k, requested_version
 from .asgi import ERROR_SCHEMA, BodyRewrite, Message, Receive, Scope, Send, rewrite_responses
 from .auth import DOCS_HTTP_PATHS, HEALTH_GRPC_METHODS, HEALTH_HTTP_PATHS, UNAUTHORIZED, ApiKeys, api_keys
@@ -101,7 +101,7 @@ class BodyTooLarge(PayloadTooLarge):
 def parse_top_k(value: str | None) -> int | None:
     if value is None:
         return None
-    if not value.isdigit() or not 1 <= int(value) <= 1000:
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 1000:
         raise BadInput(f"top_k must be an integer from 1 to 1000, got {value!r}")
     return int(value)
 
@@ -109,9 +109,9 @@ def parse_top_k(value: str | None) -> int | None:
 def parse_version(value: str | None) -> int | None:
     if value is None:
         return None
-    if not value.isdigit() or len(value) > 18:
+    if (number := versions.parse_number(value)) is None:
         raise BadInput(f"version must be a model version number, got {value!r}")
-    return int(value)
+    return number
 
 
 def take_request_options(top_k: str | None, version: str | None) -> None:

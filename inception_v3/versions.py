@@ -42,8 +42,22 @@ logger = logging.getLogger(__name__)
 RELOAD_SIGNAL = signal.SIGUSR1  # to a runner worker: look at the model store now (the launcher sends it)
 DEFAULT = -1  # a request that names no version: the newest available one answers
 NOT_SERVED = -1  # the answer for a request whose version is not available
+MAX_DIGITS = 18  # a version number fits the runner's int64, and is never negative like those two
 ENDED_KEPT = 8  # ended versions the status still lists
 DRAIN_POLL_S = 0.01
+
+
+def parse_number(text: str) -> int | None:
+    """A version number as a request writes it (a path segment, a query parameter); None if it is not one.
+
+    ASCII digits only: ``str.isdigit`` also takes "²", which ``int`` refuses.
+    """
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= MAX_DIGITS else None
+
+
+def is_number(version: int) -> bool:
+    """Whether ``version`` can be a version (gRPC's int64 fields may hold a negative one)."""
+    return 0 <= version < 10**MAX_DIGITS
 
 
 def requested(count: int, version: int | None = None) -> np.ndarray:

@@ -81,6 +81,8 @@ HTTP_BAD_INPUT: dict[str, tuple[str, bytes, dict[str, str], int]] = {
     "top_k zero": ("/predict?top_k=0", CAT, {"Content-Type": "image/jpeg"}, 400),
     "top_k text": ("/predict?top_k=abc", CAT, {"Content-Type": "image/jpeg"}, 400),
     "top_k empty": ("/predict?top_k=", CAT, {"Content-Type": "image/jpeg"}, 400),
+    "top_k superscript digit": ("/predict?top_k=%C2%B2", CAT, {"Content-Type": "image/jpeg"}, 400),
+    "version superscript digit": ("/predict?version=%C2%B2", CAT, {"Content-Type": "image/jpeg"}, 400),
     "batch bad base64": ("/predict_batch", b'{"images": ["!!not base64!!"]}', JSON, 400),
     "batch no images": ("/predict_batch", b'{"images": []}', JSON, 400),
     "batch not json": ("/predict_batch", b"{images", JSON, 400),

@@ -365,6 +365,27 @@ def test_an_unknown_version_is_not_found_on_every_door(latest_two) -> None:
     assert answer.status_code == 400 and "version" in answer.json()["error"]
 
 
+@pytest.mark.parametrize("written", ["-1", "99999999999999999999", "%C2%B2"])
+def test_a_version_that_is_no_version_number_is_not_found(latest_two, written: str) -> None:
+    """Never the newest (-1 is the runner's own "newest"), never a 500 (past int64, or not ASCII)."""
+    stack, _, _ = latest_two
+    body = {"instances": [{"b64": base64.b64encode(CAT).decode()}]}
+    answers = [
+        httpx.post(f"http://{stack.http}/v1/models/inception_v3/versions/{written}:predict", json=body, timeout=30),
+        httpx.get(f"http://{stack.http}/v1/models/inception_v3/versions/{written}/metadata", timeout=30),
+        httpx.get(f"http://{stack.http}/v2/models/inception_v3/versions/{written}", timeout=30),
+    ]
+    for answer in answers:
+        assert answer.status_code == 404, (answer.url, answer.text)
+
+
+def test_a_negative_grpc_version_is_not_found(latest_two) -> None:
+    stack, _, _ = latest_two
+    with pytest.raises(grpc.RpcError) as raised:
+        grpc_predict(stack, -1)
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 def grpc_predict(stack: Stack, version: int | None) -> t.Any:
     request = pb.predict_pb2.PredictRequest()
     request.model_spec.name = "inception_v3"

@@ -42,7 +42,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from tritonclient.grpc import service_pb2 as pb
 
-from .. import openapi
+from .. import openapi, versions
 from ..api import image_from_tensor_element, json_value_to_image
 from ..errors import InvalidImage, ModelNotFound, UnsupportedMediaType
 from ..labels import NUM_CLASSES, top_k_indices
@@ -141,9 +141,9 @@ class ServedModel:
             raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
         if version == "":
             return None
-        if not version.isdigit() or len(version) > 18:
+        if (number := versions.parse_number(version)) is None:
             raise self.not_found(version)
-        return int(version)
+        return number
 
     def not_found(self, version: int | str | None) -> ModelNotFound:
         return ModelNotFound(f"Request for unknown model: '{self.name}' version {version} is not found")

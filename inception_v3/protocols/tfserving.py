@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .. import openapi, weights
+from .. import openapi, versions, weights
 from ..api import image_from_tensor_element, json_value_to_image
 from ..errors import ModelNotFound
 from ..labels import top_k
@@ -194,9 +194,8 @@ def rest_app(model: ServedModel) -> Starlette:
         parts = path.strip("/").split("/")
         version = None
         if len(parts) >= 3 and parts[1] == "versions":
-            if not parts[2].lstrip("-").isdigit():
+            if (version := versions.parse_number(parts[2])) is None:
                 raise ModelNotFound(f"Malformed version: {parts[2]}")
-            version = int(parts[2])
             parts = [parts[0], *parts[3:]]
         model.check(parts[0])
         tail = "/".join(parts[1:])
