@@ -15,6 +15,9 @@ servers and declares a ``Door``:
   shares the runner, its batches and its limits, and the same bytes get the same
   answer on every door.
 
+A door's model (``VersionedModel``) words "no such version" its protocol's way
+(``not_found``); ``versioned`` and ``available`` then answer in those words.
+
 Adding a protocol is adding a module with a ``DOOR`` and listing it in ``DOORS``.
 """
 
@@ -27,6 +30,7 @@ if t.TYPE_CHECKING:
     import bentoml
 
     from ..classifier import Classifier
+    from ..errors import ModelNotFound
 
 Install = t.Callable[["bentoml.legacy.Service", "Classifier"], None]
 
@@ -43,6 +47,24 @@ class Door:
 
     def serves(self, path: str) -> bool:
         return path == self.rest_prefix or path.startswith(self.rest_prefix + "/")
+
+
+class VersionedModel:
+    """The model as a door's clients see it: a name, and the classifier's versions."""
+
+    def __init__(self, name: str, classifier: Classifier) -> None:
+        self.name = name
+        self.classifier = classifier
+
+    def not_found(self, version: int | None) -> ModelNotFound:
+        raise NotImplementedError
+
+    def versioned(self, version: int | None) -> t.AsyncContextManager[None]:
+        return self.classifier.versioned(version, self.not_found)
+
+    async def available(self, version: int | None) -> dict[str, t.Any]:
+        async with self.versioned(version):
+            return await self.classifier.available(version)
 
 
 from . import kserve_v2, tfserving  # noqa: E402 (they import ``Door`` from here)

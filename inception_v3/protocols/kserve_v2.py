@@ -46,7 +46,7 @@ from .. import openapi, versions
 from ..api import image_from_tensor_element, json_value_to_image
 from ..errors import InvalidImage, ModelNotFound, UnsupportedMediaType
 from ..labels import NUM_CLASSES, top_k_indices
-from . import Door
+from . import Door, VersionedModel
 
 if t.TYPE_CHECKING:
     from ..classifier import Classifier
@@ -122,7 +122,7 @@ def check_input(name: t.Any, datatype: t.Any, shape: t.Any, count: int) -> None:
         raise BadInput(f"input '{INPUT_NAME}' is empty: send at least one image")
 
 
-class ServedModel:
+class ServedModel(VersionedModel):
     """The model as Open Inference clients see it, whatever the wire."""
 
     def __init__(
@@ -131,8 +131,7 @@ class ServedModel:
         classifier: Classifier,
         ready: t.Callable[[], t.Awaitable[bool]],
     ) -> None:
-        self.name = name
-        self.classifier = classifier
+        super().__init__(name, classifier)
         self.ready = ready
 
     def check(self, name: str, version: str = "") -> int | None:
@@ -147,13 +146,6 @@ class ServedModel:
 
     def not_found(self, version: int | str | None) -> ModelNotFound:
         return ModelNotFound(f"Request for unknown model: '{self.name}' version {version} is not found")
-
-    def versioned(self, version: int | None) -> t.AsyncContextManager[None]:
-        return self.classifier.versioned(version, self.not_found)
-
-    async def available(self, version: int | None) -> dict[str, t.Any]:
-        async with self.versioned(version):
-            return await self.classifier.available(version)
 
     async def version_ready(self, version: int | None) -> bool:
         if not await self.ready():

@@ -34,7 +34,7 @@ from .. import openapi, versions, weights
 from ..api import image_from_tensor_element, json_value_to_image
 from ..errors import ModelNotFound
 from ..labels import top_k
-from . import Door
+from . import Door, VersionedModel
 
 if t.TYPE_CHECKING:
     import bentoml
@@ -98,12 +98,8 @@ VERSION_KEY = "x-model-version"  # REST predict answers: the version that answer
 STATUS_OK, STATUS_UNKNOWN = 0, 2
 
 
-class ServedModel:
+class ServedModel(VersionedModel):
     """The model as TF Serving clients see it: a name, its versions, one signature."""
-
-    def __init__(self, name: str, classifier: Classifier) -> None:
-        self.name = name
-        self.classifier = classifier
 
     def check(self, name: str, signature: str = "") -> None:
         if name != self.name:
@@ -114,13 +110,6 @@ class ServedModel:
     def not_found(self, version: int | None) -> ModelNotFound:
         spec = f"Specific({self.name}, {version})" if version is not None else f"Latest({self.name})"
         return ModelNotFound(f"Servable not found for request: {spec}")
-
-    def versioned(self, version: int | None) -> t.AsyncContextManager[None]:
-        return self.classifier.versioned(version, self.not_found)
-
-    async def available(self, version: int | None) -> dict[str, t.Any]:
-        async with self.versioned(version):
-            return await self.classifier.available(version)
 
     async def predict_labels(self, images: list[bytes], version: int | None) -> tuple[list[str], Classified]:
         if not images:
