@@ -29,6 +29,7 @@ import numpy as np
 from bentoml._internal.runner.runner_handle.remote import RemoteRunnerClient
 
 from . import engines, versions
+from .labels import NUM_CLASSES
 from .observability import metrics
 from .preprocessing import INPUT_SIZE
 
@@ -37,8 +38,6 @@ if t.TYPE_CHECKING:
 from .weights import warning as weights_warning
 
 logger = logging.getLogger(__name__)
-
-CLASSES = 1000
 
 
 def connect_without_environment() -> None:
@@ -171,7 +170,7 @@ class InceptionV3Runnable(bentoml.legacy.Runnable):
     def classify(self, pixels: np.ndarray, requested: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(n, 299, 299, 3) uint8 and (n,) requested versions to (n, 1000) float32 softmax
         probabilities and (n,) the versions that answered (``versions.NOT_SERVED``: none could)."""
-        probabilities = np.zeros((len(pixels), CLASSES), np.float32)
+        probabilities = np.zeros((len(pixels), NUM_CLASSES), np.float32)
         answered = np.full(len(pixels), versions.NOT_SERVED, np.int64)
         for number in np.unique(requested):
             rows = slice(None) if len(requested) and (requested == number).all() else requested == number
