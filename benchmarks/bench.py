@@ -219,25 +219,27 @@ class LoadPoint:
 
 def http_caller(
     port: int, image: bytes, path: str = "/predict", content_type: str = "image/jpeg"
-) -> Callable[[], Callable[[], None]]:
+) -> Callable[[], Callable[[], bytes]]:
+    """Each call: one request on a kept connection; the answer's body (not 200: an error)."""
     import http.client
 
-    def make() -> Callable[[], None]:
+    def make() -> Callable[[], bytes]:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
 
-        def call() -> None:
+        def call() -> bytes:
             connection.request("POST", path, body=image, headers={"Content-Type": content_type})
             response = connection.getresponse()
             body = response.read()
             if response.status != 200:
                 raise RuntimeError(f"HTTP {response.status}: {body[:200]!r}")
+            return body
 
         return call
 
     return make
 
 
-def http_batch_caller(port: int, image: bytes) -> Callable[[], Callable[[], None]]:
+def http_batch_caller(port: int, image: bytes) -> Callable[[], Callable[[], bytes]]:
     """``predict_batch`` with ``BATCH_REQUEST_IMAGES`` copies of the image in one request."""
     import base64
 
@@ -246,7 +248,8 @@ def http_batch_caller(port: int, image: bytes) -> Callable[[], Callable[[], None
     return http_caller(port, body, path="/predict_batch", content_type="application/json")
 
 
-def grpc_caller(port: int, image: bytes) -> Callable[[], Callable[[], None]]:
+def grpc_caller(port: int, image: bytes) -> Callable[[], Callable[[], Any]]:
+    """Each call: one BentoService ``predict`` call on a shared channel; its Response."""
     import grpc
     from bentoml.grpc.v1 import service_pb2, service_pb2_grpc
 
@@ -260,7 +263,7 @@ def grpc_caller(port: int, image: bytes) -> Callable[[], Callable[[], None]]:
     return make
 
 
-def closed_loop(make_call: Callable[[], Callable[[], None]], point: LoadPoint) -> dict[str, Any]:
+def closed_loop(make_call: Callable[[], Callable[[], object]], point: LoadPoint) -> dict[str, Any]:
     """``concurrency`` clients, each sending its next request when the last one is answered.
 
     Warm-up: at least ``WARMUP_REQUESTS`` answers and 2 s; then a timed window of

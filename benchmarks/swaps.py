@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ from benchmarks.bench import (
     DOCS_DIR,
     IMAGE_FILE,
     RESULTS_DIR,
+    grpc_caller,
+    http_caller,
     launched_stack,
     log,
     machine,
@@ -59,47 +62,21 @@ class Load:
         self.stopped = threading.Event()
         image = IMAGE_FILE.read_bytes()
         clients = [
-            self.http_client(http_port, image) if n % 2 == 0 else self.grpc_client(grpc_port, image)
+            (http_caller(http_port, image)(), http_version)
+            if n % 2 == 0
+            else (grpc_caller(grpc_port, image)(), grpc_version)
             for n in range(concurrency)
         ]
-        self.threads = [threading.Thread(target=self.run, args=(call,), daemon=True) for call in clients]
+        self.threads = [threading.Thread(target=self.run, args=client, daemon=True) for client in clients]
         for thread in self.threads:
             thread.start()
 
-    @staticmethod
-    def http_client(port: int, image: bytes) -> Any:
-        import http.client
-
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-
-        def call() -> int | None:
-            connection.request("POST", "/predict", body=image, headers={"Content-Type": "image/jpeg"})
-            response = connection.getresponse()
-            body = response.read()
-            return json.loads(body)["version"] if response.status == 200 else None
-
-        return call
-
-    @staticmethod
-    def grpc_client(port: int, image: bytes) -> Any:
-        import grpc
-        from bentoml.grpc.v1 import service_pb2, service_pb2_grpc
-        from google.protobuf import json_format
-
-        stub = service_pb2_grpc.BentoServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-        request = service_pb2.Request(api_name="predict", file=service_pb2.File(kind="image/jpeg", content=image))
-
-        def call() -> int | None:
-            return int(json_format.MessageToDict(stub.Call(request, timeout=60).json)["version"])
-
-        return call
-
-    def run(self, call: Any) -> None:
+    def run(self, call: Callable[[], Any], version_of: Callable[[Any], int]) -> None:
         while not self.stopped.is_set():
             start = time.monotonic()
             try:
-                version = call()
-            except Exception:  # counted as lost, never hidden
+                version: int | None = version_of(call())
+            except Exception:  # an error or not 200: counted as lost, never hidden
                 version = None
             with self.lock:
                 self.records.append((start, time.monotonic(), version is not None, version))
@@ -122,6 +99,16 @@ class Load:
     def lost(self) -> int:
         with self.lock:
             return sum(not ok for _, _, ok, _ in self.records)
+
+
+def http_version(body: bytes) -> int:
+    return json.loads(body)["version"]
+
+
+def grpc_version(response: Any) -> int:
+    from google.protobuf import json_format
+
+    return int(json_format.MessageToDict(response.json)["version"])
 
 
 def model_statuses(http_port: int) -> dict[int, str]:
