@@ -5,7 +5,8 @@ A patch of BentoML 1.4.39's private internals. Its gRPC metrics server
 imports the service) asserts that every request's path is ``/``, so ``/metrics``
 and any other path answered 500. ``install()``, run where the service is loaded
 (``bentoml serve-grpc`` and ``start-grpc-server`` load it before they start
-their workers), makes both start this module instead, which runs BentoML's
+their workers), makes both start this module instead (the launcher starts it
+itself: ``inception_v3.workers``), which runs BentoML's
 metrics server with a middleware that answers ``/`` and ``/metrics`` and
 gives 404 elsewhere. The server starts with ``python -m`` in whatever
 directory ``serve-grpc`` ran from, so the folder holding this package goes on

@@ -1,28 +1,30 @@
-"""Serve HTTP and gRPC from one model in memory: one runner server, two API servers.
+"""Serve HTTP and gRPC from one model in memory: one runner, two API servers.
 
     python -m inception_v3.launcher [--bento service:svc] [--working-dir .]
     python -m inception_v3.launcher --wait-ready [--timeout 120] [--pid PID]
     kill -HUP LAUNCHER_PID             # look at the model store for new versions now (make reload)
 
 ``bentoml serve`` and ``bentoml serve-grpc`` each start a runner of their own
-(two copies of TensorFlow and the model). This starts BentoML's distributed
-pieces instead, as a cluster would: ``start-runner-server`` on ``runner_port``,
-and ``start-http-server`` and ``start-grpc-server`` that both call it. The
-launcher stays in the foreground; SIGTERM or SIGINT stops the API servers first
-(they drain in-flight requests), then the runner. Ports come from the
-configuration file.
+(two copies of the model). This starts what BentoML's distributed commands
+start, as a cluster would: the runner's worker on ``runner_port`` and the HTTP
+and gRPC API workers that both call it, each a piece of its own, without those
+commands' supervisors (``inception_v3.workers``). The launcher holds the
+listening sockets and stays in the foreground; SIGTERM or SIGINT stops the API
+servers first (they drain in-flight requests), then the runner. Ports come from
+the configuration file.
 
 A piece that dies (any signal, SIGKILL included) is restarted alone, after a
 backoff that doubles from ``FIRST_RESTART_DELAY_S`` up to ``MAX_RESTART_DELAY_S``;
 the others go on serving (the API servers answer 503 while the runner is away,
-``inception_v3.availability``).
+``inception_v3.availability``; connections to a dead HTTP server wait in its
+socket's backlog for the next one).
 More than ``MAX_FAILURES`` deaths within ``FAILURE_WINDOW_S`` and the launcher
 gives up: it stops everything and exits 1. No process outlives its piece or the
-launcher (``inception_v3.lineage``): a dead piece's workers are killed before it
-is restarted; each piece dies with the launcher (PR_SET_PDEATHSIG) and a
-watchdog kills their workers; at start, what a crashed run left in this working
-directory is killed, and a configured port another process holds is named with
-its pid.
+launcher (``inception_v3.lineage``): what a dead piece started is killed before
+it is restarted; each piece dies with the launcher (PR_SET_PDEATHSIG) and a
+watchdog kills what they started; at start, what a crashed run left in this
+working directory is killed, and a configured port another process holds is
+named with its pid.
 
 SIGHUP asks the runner to look at the model store now (``versions``: it polls it
 every ``model_poll_s`` seconds anyway): the launcher passes it on to the runner's
@@ -37,6 +39,7 @@ import dataclasses
 import functools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -45,8 +48,8 @@ from pathlib import Path
 
 import psutil
 
-from . import lineage
-from .settings import PROJECT_ROOT, SERVICE_NAME, Settings, load_settings
+from . import lineage, workers
+from .settings import PROJECT_ROOT, Settings, load_settings
 from .tls import ClientTls, grpc_channel, http_url
 from .versions import RELOAD_SIGNAL
 
@@ -58,55 +61,28 @@ MAX_FAILURES = 5
 FAILURE_WINDOW_S = 60.0
 
 
-def server_commands(bento: str, working_dir: Path, settings: Settings) -> dict[str, list[str]]:
-    start = [sys.executable, "-m", "bentoml_cli._internal.start"]
-    runner = f"{SERVICE_NAME}=tcp://127.0.0.1:{settings.runner_port}"
-    common = [bento, "--working-dir", str(working_dir)]
-    return {
-        "runner": [
-            *start,
-            "start-runner-server",
-            *common,
-            "--runner-name",
-            SERVICE_NAME,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(settings.runner_port),
-        ],
-        "http": [
-            *start,
-            "start-http-server",
-            *common,
-            "--depends",
-            runner,
-            "--host",
-            settings.http_host,
-            "--port",
-            str(settings.http_port),
-            # start-grpc-server reads api_server.workers itself; start-http-server starts 1 without this.
-            "--api-workers",
-            str(settings.api_workers),
-        ],
-        "grpc": [*start, "start-grpc-server", *common, "--remote-runner", runner, "--port", str(settings.grpc_port)],
-    }
-
-
 @dataclasses.dataclass
 class Piece:
-    name: str
-    command: list[str]
-    mark: str  # lineage.MARK of its processes
+    worker: workers.Worker
+    mark: str  # lineage.MARK of its process
+    listener: socket.socket | None  # the socket it listens on, which the launcher holds
     process: subprocess.Popen[bytes] | None = None
     deaths: collections.deque[float] = dataclasses.field(default_factory=collections.deque)
     restart_at: float | None = None
 
+    @property
+    def name(self) -> str:
+        return self.worker.name
+
     def start(self, env: dict[str, str], working_dir: Path) -> None:
+        listener = self.listener
+        fds = (listener.fileno(),) if listener else ()
         self.process = subprocess.Popen(
-            self.command,
-            env={**env, lineage.MARK: self.mark},
+            [str(listener.fileno()) if arg == workers.FD and listener else arg for arg in self.worker.command],
+            env={**env, **self.worker.env, lineage.MARK: self.mark},
             cwd=working_dir,
             process_group=0,  # Ctrl-C reaches the launcher only, which stops the pieces in order
+            pass_fds=fds,
             preexec_fn=functools.partial(lineage.die_with_parent, os.getpid()),
         )
         self.restart_at = None
@@ -123,8 +99,9 @@ class Piece:
 
 def stop(pieces: dict[str, Piece]) -> None:
     """API servers first, so they finish what they hold while the runner still answers."""
-    for group in (("http", "grpc"), ("runner",)):
-        members = [pieces[name].process for name in group if name in pieces and pieces[name].process]
+    for last in (False, True):
+        group = [piece for piece in pieces.values() if (piece.worker.kind == "runner") == last]
+        members = [piece.process for piece in group if piece.process]
         for process in members:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -134,29 +111,8 @@ def stop(pieces: dict[str, Piece]) -> None:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 process.kill()
-        # Workers live in process groups of their own; none may outlive the stop.
-        for name in group:
-            if name in pieces:
-                lineage.kill_marked(pieces[name].mark)
-
-
-def wait_for_workers(process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
-    """Return once the server has started its workers (or died).
-
-    Each BentoML server empties the shared Prometheus multiprocess folder when it
-    starts, before it spawns workers; starting the next one only then keeps every
-    worker's metric files.
-    """
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and process.poll() is None and not descendants(process.pid):
-        time.sleep(0.1)
-
-
-def descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
+        for piece in group:  # and anything a piece may have started
+            lineage.kill_marked(piece.mark)
 
 
 def clear_leftovers(working_dir: Path, settings: Settings) -> str | None:
@@ -199,15 +155,13 @@ def supervise(piece: Piece, env: dict[str, str], working_dir: Path) -> bool:
     return True
 
 
-RUNNER_WORKER_MODULE = "bentoml_cli.worker.runner"
-
-
-def ask_runner_to_reload(runner: Piece) -> None:
+def ask_runner_to_reload(pieces: dict[str, Piece]) -> None:
     """Pass SIGHUP on to the runner's workers, which look at the model store at once."""
-    workers = [p for p in descendants(runner.process.pid) if RUNNER_WORKER_MODULE in p.cmdline()]
-    for worker in workers:
-        worker.send_signal(RELOAD_SIGNAL)
-    print(f"asked the runner's workers {[w.pid for w in workers]} to look for new model versions", flush=True)
+    runners = [piece.process for piece in pieces.values() if piece.worker.kind == "runner" and piece.process]
+    for process in runners:
+        if process.poll() is None:
+            process.send_signal(RELOAD_SIGNAL)
+    print(f"asked the runner's workers {[p.pid for p in runners]} to look for new model versions", flush=True)
 
 
 def serve(bento: str, working_dir: Path) -> int:
@@ -220,10 +174,15 @@ def serve(bento: str, working_dir: Path) -> int:
     me = lineage.identity(psutil.Process())
     lineage.start_watchdog(f"{me}:")
     env = {**os.environ, "BENTOML_CONFIG": str(settings.config_file)}
-    pieces = {
-        name: Piece(name, command, mark=f"{me}:{name}")
-        for name, command in server_commands(bento, working_dir, settings).items()
-    }
+    try:
+        planned = workers.planned(bento, working_dir, env)
+        addresses = {worker.listens for worker in planned if worker.listens}  # workers of a kind share one
+        listeners = {address: workers.listen(address) for address in addresses}
+    except (workers.PlanError, OSError) as error:
+        print(f"cannot serve: {error.strerror if isinstance(error, OSError) else error}", file=sys.stderr, flush=True)
+        return 1
+    # The "/" ends each mark: no piece's mark is the start of another's ("http" and "http-2").
+    pieces = {worker.name: Piece(worker, f"{me}:{worker.name}/", listeners.get(worker.listens)) for worker in planned}
     stopping = reload_asked = False
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -239,7 +198,6 @@ def serve(bento: str, working_dir: Path) -> int:
     signal.signal(signal.SIGHUP, request_reload)
     for piece in pieces.values():
         piece.start(env, working_dir)
-        wait_for_workers(piece.process)
     print(
         f"serving {bento}: HTTP on :{settings.http_port}, gRPC on :{settings.grpc_port}, "
         f"shared runner on 127.0.0.1:{settings.runner_port} (launcher pid {os.getpid()})",
@@ -252,7 +210,7 @@ def serve(bento: str, working_dir: Path) -> int:
             break
         if reload_asked:
             reload_asked = False
-            ask_runner_to_reload(pieces["runner"])
+            ask_runner_to_reload(pieces)
         time.sleep(POLL_S)
     stop(pieces)
     return exit_code

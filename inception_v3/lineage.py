@@ -1,12 +1,12 @@
 """Which processes belong to a launcher, so that none outlives it.
 
-BentoML's servers run circus arbiters whose workers each call ``setsid``: they
-leave the launcher's process group, and an arbiter killed with SIGKILL leaves
-them running (holding the ports). So every process the launcher starts carries
-a mark in its environment, ``INCEPTION_V3_LAUNCHER=<launcher pid>:<start
-time>:<piece>``, which circus copies into every worker; the launcher and its
-watchdog find a piece's or the whole stack's processes by that mark, whatever
-their parent, process group or depth.
+Every process the launcher starts carries a mark in its environment,
+``INCEPTION_V3_LAUNCHER=<launcher pid>:<start time>:<piece>/``, which whatever it
+starts inherits; the launcher and its watchdog find a piece's or the whole stack's
+processes by that mark, whatever their parent, process group or depth (BentoML's
+circus supervisors, which this launcher no longer runs, put their workers in
+sessions of their own: killed with SIGKILL, they left them running and holding the
+ports).
 """
 
 from __future__ import annotations

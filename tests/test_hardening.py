@@ -545,10 +545,14 @@ def test_launcher_serves_both_protocols_from_one_runner(
     expected = reference_classify(CAT)["label"]
     assert client.classify_rest(CAT, *split_address(launched.http), 30, None)["label"] == expected
     assert client.classify_grpc(CAT, *split_address(launched.grpc), 30, None)["label"] == expected
-    workers = [" ".join(p.cmdline()) for p in psutil.Process(launched.process.pid).children(recursive=True)]
+    launcher = psutil.Process(launched.process.pid)
+    workers = [" ".join(p.cmdline()) for p in launcher.children(recursive=True)]
     assert sum("bentoml_cli.worker.runner" in w for w in workers) == 1, workers
     assert sum("bentoml_cli.worker.http_api_server" in w for w in workers) == 2, workers
     assert sum("bentoml_cli.worker.grpc_api_server" in w for w in workers) == 2, workers
+    # BentoML's workers are the launcher's own children: no circus supervisor between them (inception_v3.workers).
+    assert not any("bentoml_cli._internal.start" in w for w in workers), workers
+    assert launcher.children(recursive=True) == launcher.children()
 
 
 def test_launcher_logs_and_exports_what_runs_the_model(launched: Launched) -> None:
