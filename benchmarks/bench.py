@@ -55,6 +55,7 @@ import yaml
 
 from benchmarks.timing import GFLOP_PER_IMAGE, batch_figures, latency_summary, timed_calls
 from inception_v3 import engines
+from inception_v3.memory import TRIM_AFTER_IDLE_S
 from inception_v3.preprocessing import INPUT_SIZE, prepare_image
 from inception_v3.runner import InceptionV3Runnable, runnable_init_params
 from inception_v3.settings import PROJECT_ROOT, SERVICE_NAME, write_config_on_free_ports
@@ -72,6 +73,7 @@ PAIRED_CONTENDERS = ("keras", "pipeline", *PROTOCOLS)
 BATCH_CONTENDERS = ("pipeline_b16", "http_batch16")  # 16 images a call: in process, and one predict_batch request
 BATCH_REQUEST_IMAGES = 16
 CALIBRATION_CROPS = 16
+SETTLE_S = 1.0  # past the servers' idle trim, before the memory is read
 # Served c8 against TensorFlow fp32 at batch 8, by CPU class, at the default precision and with int8.
 TARGET_VS_TENSORFLOW = {"bf16": 3.5, "avx2": 1.2, "int8": 6.0}
 TARGETS = {
@@ -533,13 +535,16 @@ def run_stack(
             raise RuntimeError(f"the launcher exited with {launcher.returncode}; see {work / 'serve.log'}")
         ran = re.search(r"runs on (.+?); loaded", (work / "serve.log").read_text(errors="replace"))
         load["engine"] = ran.group(1) if ran else "unknown"
+        at_end = memory_of_tree(launcher.pid)
+        time.sleep(TRIM_AFTER_IDLE_S + SETTLE_S)  # each server hands back what the load freed once idle
         processes = memory_of_tree(launcher.pid)
+        load["pss_at_end_gib"] = sum(m["pss"] for m in at_end.values()) / 2**30
         load["pss_processes_mib"] = {name: round(m["pss"] / 2**20, 1) for name, m in processes.items()}
         load["pss_gib"] = sum(m["pss"] for m in processes.values()) / 2**30
         load["uss_gib"] = sum(m["uss"] for m in processes.values()) / 2**30
         log(
             f"serving stack after the load: PSS {load['pss_gib']:.2f} GiB, USS {load['uss_gib']:.2f} GiB "
-            f"in {len(processes)} processes"
+            f"in {len(processes)} processes ({load['pss_at_end_gib']:.2f} GiB PSS as the load ended)"
         )
         if interleaved:
             rounds, duration, requests = interleaved
@@ -679,7 +684,8 @@ def table(result: dict[str, Any]) -> str:
         "",
         f"cold start to ready {stack['cold_start_s']:.1f} s; first request "
         + ", ".join(f"{k} {v:.0f} ms" for k, v in stack["first_request_ms"].items())
-        + f"; serving stack PSS {stack['pss_gib']:.2f} GiB (USS {stack['uss_gib']:.2f} GiB)",
+        + f"; serving stack PSS {stack['pss_gib']:.2f} GiB (USS {stack['uss_gib']:.2f} GiB; "
+        + f"{stack.get('pss_at_end_gib', float('nan')):.2f} GiB PSS as the load ended)",
         "",
         f"CPU class: {cpu_class(result)}; served at {result['serving']['engine']}",
         "",

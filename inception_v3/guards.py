@@ -62,6 +62,7 @@ from .asgi import ERROR_SCHEMA, BodyRewrite, Message, Receive, Scope, Send, rewr
 from .auth import DOCS_HTTP_PATHS, HEALTH_GRPC_METHODS, HEALTH_HTTP_PATHS, UNAUTHORIZED, ApiKeys, api_keys
 from .availability import RunnerUnavailable, RunnerWatch
 from .errors import PayloadTooLarge, Unauthenticated, register_grpc_status_codes
+from .memory import trimmed_when_idle
 from .observability import configure_logging, metrics, request_id
 from .protocols import DOORS
 
@@ -442,7 +443,8 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             failed = True
             try:
-                response = await self.admit(inner, request, context, metadata)
+                with trimmed_when_idle():
+                    response = await self.admit(inner, request, context, metadata)
                 failed = False
                 return response
             except grpc.aio.AbortError:
@@ -522,6 +524,12 @@ class RequestTimeout(traffic.TimeoutMiddleware):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
+        if scope.get("path") in HEALTH_HTTP_PATHS:  # probes (every 0.5 s) must not keep a process from trimming
+            return await self.answer_in_time(scope, receive, send)
+        with trimmed_when_idle():
+            await self.answer_in_time(scope, receive, send)
+
+    async def answer_in_time(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
         answering = loop.create_future()
         timer = loop.call_later(self.timeout, self._set_timer_out, answering)
