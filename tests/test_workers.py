@@ -1,0 +1,39 @@
+"""The launcher's plan (``inception_v3.workers``): BentoML's workers, with what its supervisors would give them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from inception_v3 import workers
+from inception_v3.settings import write_config_on_free_ports
+from tests.conftest import ROOT
+
+
+def test_the_plan_gives_each_worker_what_bentomls_supervisors_would(saved_model: str, tmp_path) -> None:
+    import service
+
+    config_file = write_config_on_free_ports(tmp_path / "configuration.yaml", {"api_server.workers": 2})
+    env = {**os.environ, "BENTOML_CONFIG": str(config_file)}
+    planned = workers.planned("service:svc", ROOT, env)
+
+    assert [(w.kind, w.index) for w in planned] == [
+        ("runner", 1),
+        ("http", 1),
+        ("grpc", 1),
+        ("http", 2),
+        ("grpc", 2),
+        ("grpc-metrics", 1),
+    ]
+    runner = planned[0].command
+    env_map = json.loads(runner[runner.index("--worker-env-map") + 1])
+    # The service's own runner, as start-runner-server reads it (scheduled by BentoML's strategy).
+    assert env_map == {
+        str(i): {k: str(v) for k, v in e.items()} for i, e in service.runner.scheduled_worker_env_map.items()
+    }
+    for worker in planned:
+        assert (workers.FD in worker.command) is (worker.listens is not None), worker
+        assert worker.env["PROMETHEUS_MULTIPROC_DIR"]
+    assert [w.command[w.command.index("--worker-id") + 1] for w in planned if w.kind == "http"] == ["1", "2"]
+    shared = {w.listens for w in planned if w.kind == "http"}
+    assert len(shared) == 1, "HTTP workers share one socket"
