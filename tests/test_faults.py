@@ -233,7 +233,8 @@ def test_runner_killed_under_load_is_restarted_with_only_200_and_503_meanwhile(s
     # start (BentoML, TensorFlow, the model, its warm-up), which a loaded 2-core box makes longer than 15 s.
     assert max(*serving.values(), ready_after) < max(READY_AGAIN_S, 1.5 * stack.cold_start_s)
     log = stack.log.read_text()
-    assert "grpc_status=14" in log and "grpc_status=13" not in log  # BentoML's access log: the real status
+    # BentoML's access log has the real status (requests may also wait in the runner's backlog and see none).
+    assert ("grpc_status=14" in log or not grpc_kinds["UNAVAILABLE"]) and "grpc_status=13" not in log
     assert not runner.is_running() and stack.pieces()["runner"].pid != runner.pid
 
 
