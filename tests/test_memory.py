@@ -11,7 +11,7 @@ from inception_v3 import memory
 from inception_v3.asgi import Message
 from inception_v3.guards import RequestTimeout
 
-IDLE_S = 0.05
+IDLE_S = 0.3  # a wide margin: a busy box oversleeps
 
 
 @pytest.fixture
@@ -30,16 +30,16 @@ def test_trims_once_the_last_request_is_over_and_the_process_stays_idle(trims: l
         with idle.request():
             with idle.request():
                 pass
-            await asyncio.sleep(3 * IDLE_S)
+            await asyncio.sleep(2 * IDLE_S)
             assert trims == [], "trimmed while a request was in flight"
-        await asyncio.sleep(IDLE_S / 2)
+        await asyncio.sleep(IDLE_S / 6)
         with idle.request():  # a request within the idle time postpones the trim
             pass
-        await asyncio.sleep(IDLE_S * 0.75)
+        await asyncio.sleep(IDLE_S / 6)
         assert trims == []
-        await asyncio.sleep(2 * IDLE_S)
+        await asyncio.sleep(1.5 * IDLE_S)
         assert len(trims) == 1
-        await asyncio.sleep(3 * IDLE_S)
+        await asyncio.sleep(2 * IDLE_S)
         assert len(trims) == 1, "idle, but trimmed again"
 
     asyncio.run(scenario())
@@ -58,7 +58,7 @@ def serve(path: str) -> None:
 
     async def scenario() -> None:
         await RequestTimeout(app, timeout=30)({"type": "http", "path": path}, receive, send)
-        await asyncio.sleep(3 * IDLE_S)
+        await asyncio.sleep(2 * IDLE_S)
 
     asyncio.run(scenario())
 
