@@ -2,7 +2,7 @@
 
 When the runner is gone (killed, restarting, loading the model) BentoML's
 runner client fails each call with a connection error (a 500), or, while a
-runner's socket is open but no worker serves it (circus restarting a dead
+runner's socket is open but no worker serves it (the launcher restarting a dead
 worker, a new runner loading its model), waits in the socket's backlog until
 one does. ``RunnerWatch`` asks the runners' ``/readyz`` every ``PERIOD_S`` (a
 local runner is always ready): a refusal or "not ready" is an outage at once; a
