@@ -685,7 +685,7 @@ def table(result: dict[str, Any]) -> str:
         f"cold start to ready {stack['cold_start_s']:.1f} s; first request "
         + ", ".join(f"{k} {v:.0f} ms" for k, v in stack["first_request_ms"].items())
         + f"; serving stack PSS {stack['pss_gib']:.2f} GiB (USS {stack['uss_gib']:.2f} GiB; "
-        + f"{stack.get('pss_at_end_gib', float('nan')):.2f} GiB PSS as the load ended)",
+        + f"{stack['pss_at_end_gib']:.2f} GiB PSS as the load ended)",
         "",
         f"CPU class: {cpu_class(result)}; served at {result['serving']['engine']}",
         "",
