@@ -73,6 +73,7 @@ PAIRED_CONTENDERS = ("keras", "pipeline", *PROTOCOLS)
 BATCH_CONTENDERS = ("pipeline_b16", "http_batch16")  # 16 images a call: in process, and one predict_batch request
 BATCH_REQUEST_IMAGES = 16
 CALIBRATION_CROPS = 16
+ONEDNN_BF16_OPTION = "auto_mixed_precision_onednn_bfloat16"
 SETTLE_S = 1.0  # past the servers' idle trim, before the memory is read
 # Served c8 against TensorFlow fp32 at batch 8, by CPU class, at the default precision and with int8.
 TARGET_VS_TENSORFLOW = {"bf16": 3.5, "avx2": 1.2, "int8": 6.0}
@@ -166,24 +167,40 @@ def engine_calls() -> dict[str, Callable[[np.ndarray], object]]:
     offered = bento_model.info.metadata["openvino_precisions"]
     flags = engines.cpu_flags()
     has_bf16 = any(flag in flags for flag in engines.BF16_FLAGS)
-    calls: dict[str, Callable[[np.ndarray], object]] = {}
-    warm = np.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), np.uint8)
-    tensorflow = engines.load(engines.choose("tensorflow", "fp32", offered), bento_model)
-    tensorflow(warm)  # TensorFlow optimizes a graph when it first runs: before the bf16 rewrite below
-    calls["tensorflow fp32 (graph)"] = tensorflow
-    xla = engines.load(engines.choose("tensorflow", "fp32", offered), bento_model, xla_batch_sizes=ENGINE_BATCH_SIZES)
+    tensorflow_fp32 = engines.choose("tensorflow", "fp32", offered)
+    calls: dict[str, Callable[[np.ndarray], object]] = {
+        "tensorflow fp32 (graph)": with_onednn_bf16(engines.load(tensorflow_fp32, bento_model), False)
+    }
+    xla = engines.load(tensorflow_fp32, bento_model, xla_batch_sizes=ENGINE_BATCH_SIZES)
     xla.model.compiler.join()
-    xla(warm)
-    calls["tensorflow fp32 (XLA)"] = xla
+    calls["tensorflow fp32 (XLA)"] = with_onednn_bf16(xla, False)
+    if has_bf16:
+        calls["tensorflow bf16 (oneDNN AMP)"] = with_onednn_bf16(engines.load(tensorflow_fp32, bento_model), True)
     for precision in ("fp32", "bf16", "int8"):
         if precision != "bf16" or has_bf16:
             calls[f"openvino {precision}"] = engines.load(engines.choose("openvino", precision, offered), bento_model)
-    if has_bf16:  # last: the rewrite applies to every function traced after it is set
-        import tensorflow as tf
-
-        tf.config.optimizer.set_experimental_options({"auto_mixed_precision_onednn_bfloat16": True})
-        calls["tensorflow bf16 (oneDNN AMP)"] = engines.load(engines.choose("tensorflow", "fp32", offered), bento_model)
     return calls
+
+
+def with_onednn_bf16(call: Callable[[np.ndarray], object], enabled: bool) -> Callable[[np.ndarray], object]:
+    """``call`` with TensorFlow's oneDNN bf16 rewrite on or off, as it was before after each call.
+
+    The rewrite is a process-wide optimizer option, and it also applies to functions
+    traced before it was set, the next time they run (TensorFlow keeps an instance of
+    a function per setting): set once for the bf16 row, it turned the fp32 rows
+    measured after it into bf16 too. So every TensorFlow row sets it for its own calls.
+    """
+    import tensorflow as tf
+
+    def run(pixels: np.ndarray) -> object:
+        previous = tf.config.optimizer.get_experimental_options().get(ONEDNN_BF16_OPTION, False)
+        tf.config.optimizer.set_experimental_options({ONEDNN_BF16_OPTION: enabled})
+        try:
+            return call(pixels)
+        finally:
+            tf.config.optimizer.set_experimental_options({ONEDNN_BF16_OPTION: previous})
+
+    return run
 
 
 def engine_table(duration_s: float, rounds: int = 3) -> dict[str, dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""The benchmark script's reporting, from the published run: no servers, no TensorFlow.
+"""The benchmark script's reporting, from the published run (no servers, no TensorFlow), and
+its TensorFlow rows' precision.
 
 The in-process pipeline it measures is ``prepare_image`` and ``InceptionV3Runnable.classify``,
 the same code as the tests' ``reference_classify``; importing the script checks
@@ -10,7 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks import bench
+from inception_v3 import engines
+from inception_v3.preprocessing import prepare_image
+from tests.conftest import CAT_JPEG
 
 PUBLISHED = json.loads((bench.DOCS_DIR / "benchmark.json").read_text())
 
@@ -30,3 +36,20 @@ def test_table_and_plot(tmp_path: Path) -> None:
         assert expected in text
     bench.plot(PUBLISHED, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tensorflow_fp32_rows_stay_fp32_after_the_bf16_row(saved_model: str) -> None:
+    """oneDNN's bf16 rewrite is process-wide: each TensorFlow row sets it for its own calls."""
+    import bentoml
+    import tensorflow as tf
+
+    bento_model = bentoml.models.get(saved_model)
+    choice = engines.choose("tensorflow", "fp32", bento_model.info.metadata["openvino_precisions"])
+    pixels = np.stack([prepare_image(CAT_JPEG.read_bytes())] * 2)
+    fp32 = engines.load(choice, bento_model)(pixels)
+    bf16 = bench.with_onednn_bf16(engines.load(choice, bento_model), True)(pixels)
+    after = bench.with_onednn_bf16(engines.load(choice, bento_model), False)(pixels)
+    np.testing.assert_array_equal(after, fp32)
+    assert not tf.config.optimizer.get_experimental_options().get(bench.ONEDNN_BF16_OPTION, False)
+    if any(flag in engines.cpu_flags() for flag in engines.BF16_FLAGS):
+        assert not np.array_equal(bf16, fp32)
