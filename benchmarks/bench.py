@@ -183,7 +183,7 @@ def engine_calls() -> dict[str, Callable[[np.ndarray], object]]:
 
 
 def with_onednn_bf16(call: Callable[[np.ndarray], object], enabled: bool) -> Callable[[np.ndarray], object]:
-    """``call`` with TensorFlow's oneDNN bf16 rewrite on or off, as it was before after each call.
+    """``call`` with TensorFlow's oneDNN bf16 rewrite on or off while it runs.
 
     The rewrite is a process-wide optimizer option, and it also applies to functions
     traced before it was set, the next time they run (TensorFlow keeps an instance of

@@ -46,9 +46,10 @@ def test_tensorflow_fp32_rows_stay_fp32_after_the_bf16_row(saved_model: str) -> 
     bento_model = bentoml.models.get(saved_model)
     choice = engines.choose("tensorflow", "fp32", bento_model.info.metadata["openvino_precisions"])
     pixels = np.stack([prepare_image(CAT_JPEG.read_bytes())] * 2)
-    fp32 = engines.load(choice, bento_model)(pixels)
-    bf16 = bench.with_onednn_bf16(engines.load(choice, bento_model), True)(pixels)
-    after = bench.with_onednn_bf16(engines.load(choice, bento_model), False)(pixels)
+    engine = engines.load(choice, bento_model)
+    fp32 = engine(pixels)
+    bf16 = bench.with_onednn_bf16(engine, True)(pixels)
+    after = bench.with_onednn_bf16(engine, False)(pixels)
     np.testing.assert_array_equal(after, fp32)
     assert not tf.config.optimizer.get_experimental_options().get(bench.ONEDNN_BF16_OPTION, False)
     if any(flag in engines.cpu_flags() for flag in engines.BF16_FLAGS):
