@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import yaml
 
 from benchmarks.bench import (
     CALIBRATION_CROPS,
@@ -47,9 +46,11 @@ from benchmarks.bench import (
     stack_environment,
     write_crops,
 )
-from inception_v3.settings import PROJECT_ROOT, write_config_on_free_ports
+from inception_v3.launcher import wait_ready
+from inception_v3.settings import PROJECT_ROOT, Settings, read_settings, write_config_on_free_ports
 
 WARMUP_PER_CLIENT = 3
+READY_TIMEOUT_S = 240
 
 
 def cpu_by_process(pid: int) -> dict[str, float]:
@@ -99,7 +100,8 @@ def block(make_call: Callable[[], Callable[[], object]], concurrency: int, reque
 def measured_block(stack: Stack, protocol: str, concurrency: int, requests: int) -> dict[str, Any]:
     """``block`` on one door of ``stack``, with the CPU milliseconds per request of each of its processes."""
     image = IMAGE_FILE.read_bytes()
-    caller = http_caller(stack.http_port, image) if protocol == "http" else grpc_caller(stack.grpc_port, image)
+    ports = stack.settings
+    caller = http_caller(ports.http_port, image) if protocol == "http" else grpc_caller(ports.grpc_port, image)
     before, client_before = cpu_by_process(stack.launcher.pid), time.process_time()
     result = block(caller, concurrency, requests)
     after, client_after = cpu_by_process(stack.launcher.pid), time.process_time()
@@ -111,8 +113,7 @@ def measured_block(stack: Stack, protocol: str, concurrency: int, requests: int)
 @dataclass
 class Stack:
     launcher: subprocess.Popen[bytes]
-    http_port: int
-    grpc_port: int
+    settings: Settings
 
 
 def start_stacks(stacks: ExitStack, work: Path, variants: list[str]) -> list[Stack]:
@@ -130,25 +131,15 @@ def start_stacks(stacks: ExitStack, work: Path, variants: list[str]) -> list[Sta
         if number == 0:
             save = ["save_model.py", "--random-weights", "--seed", "7", "--int8-calibration", str(calibration)]
             subprocess.run([sys.executable, *save], env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, check=True)
-        api = yaml.safe_load(config.read_text())["api_server"]
+        settings = read_settings(config)
         launcher = stacks.enter_context(launched_stack(env, folder))
-        started.append(Stack(launcher, api["http"]["port"], api["grpc"]["port"]))
-    deadline = time.monotonic() + 240
-    while not all(ready(stack.http_port) for stack in started):
-        if time.monotonic() > deadline or any(stack.launcher.poll() is not None for stack in started):
-            raise RuntimeError(f"a stack did not get ready; see {work}/variant-*/serve.log")
-        time.sleep(0.5)
+        started.append(Stack(launcher, settings))
+    for number, stack in enumerate(started):
+        if not wait_ready(stack.settings, READY_TIMEOUT_S, pid=stack.launcher.pid):
+            raise RuntimeError(
+                f"the stack of variant {number} did not get ready; see {work}/variant-{number}/serve.log"
+            )
     return started
-
-
-def ready(port: int) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
-            return answer.status == 200
-    except OSError:
-        return False
 
 
 def report(variants: list[str], figures: list[dict[str, list[dict[str, Any]]]], rounds: int, requests: int) -> None:
