@@ -31,6 +31,7 @@ connect_without_environment()
 runner = bentoml.legacy.Runner(
     InceptionV3Runnable,
     name=SERVICE_NAME,
+    embedded=settings.embedded_runner,
     models=[bento_model],
     runnable_init_params=runnable_init_params(bento_model, settings, watch=True),
 )

@@ -26,9 +26,12 @@ watchdog kills what they started; at start, what a crashed run left in this
 working directory is killed, and a configured port another process holds is
 named with its pid.
 
+With ``runner: embedded`` there is no runner worker: each API server loads the
+model itself (BentoML's embedded runner; no hop, no batching across requests).
+
 SIGHUP asks the runner to look at the model store now (``versions``: it polls it
-every ``model_poll_s`` seconds anyway): the launcher passes it on to the runner's
-workers as ``versions.RELOAD_SIGNAL``.
+every ``model_poll_s`` seconds anyway): the launcher passes it on to the workers
+that load the model (``Worker.holds_model``) as ``versions.RELOAD_SIGNAL``.
 """
 
 from __future__ import annotations
@@ -155,13 +158,13 @@ def supervise(piece: Piece, env: dict[str, str], working_dir: Path) -> bool:
     return True
 
 
-def ask_runner_to_reload(pieces: dict[str, Piece]) -> None:
-    """Pass SIGHUP on to the runner's workers, which look at the model store at once."""
-    runners = [piece.process for piece in pieces.values() if piece.worker.kind == "runner" and piece.process]
-    for process in runners:
+def ask_model_holders_to_reload(pieces: dict[str, Piece]) -> None:
+    """Pass SIGHUP on to the workers that load the model, which look at the model store at once."""
+    holders = [piece.process for piece in pieces.values() if piece.worker.holds_model and piece.process]
+    for process in holders:
         if process.poll() is None:
             process.send_signal(RELOAD_SIGNAL)
-    print(f"asked the runner's workers {[p.pid for p in runners]} to look for new model versions", flush=True)
+    print(f"asked the workers {[p.pid for p in holders]} to look for new model versions", flush=True)
 
 
 def serve(bento: str, working_dir: Path) -> int:
@@ -198,9 +201,12 @@ def serve(bento: str, working_dir: Path) -> int:
     signal.signal(signal.SIGHUP, request_reload)
     for piece in pieces.values():
         piece.start(env, working_dir)
+    runner = f"shared runner on 127.0.0.1:{settings.runner_port}"
+    if settings.embedded_runner:
+        runner = "the model loaded by each API server (runner: embedded)"
     print(
         f"serving {bento}: HTTP on :{settings.http_port}, gRPC on :{settings.grpc_port}, "
-        f"shared runner on 127.0.0.1:{settings.runner_port} (launcher pid {os.getpid()})",
+        f"{runner} (launcher pid {os.getpid()})",
         flush=True,
     )
     exit_code = 0
@@ -210,7 +216,7 @@ def serve(bento: str, working_dir: Path) -> int:
             break
         if reload_asked:
             reload_asked = False
-            ask_runner_to_reload(pieces)
+            ask_model_holders_to_reload(pieces)
         time.sleep(POLL_S)
     stop(pieces)
     return exit_code

@@ -119,7 +119,7 @@ class InceptionV3Runnable(bentoml.legacy.Runnable):
             raise RuntimeError(f"no version of {bento_model.tag.name} could be served ({errors})")
         self.engine_reported = False
         if store_watch is not None:
-            if threading.current_thread() is threading.main_thread():  # a runner worker's start
+            if threading.current_thread() is threading.main_thread():  # a worker's start (runner or embedded)
                 signal.signal(versions.RELOAD_SIGNAL, lambda _signum, _frame: self.versions.refresh_soon())
             self.versions.watch(store_watch.poll_s)
 

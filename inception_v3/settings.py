@@ -22,6 +22,7 @@ from .versions import VersionPolicy
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_FILE = PROJECT_ROOT / "configuration.yaml"
 SERVICE_NAME = "inception_v3"
+RUNNER_MODES = ("shared", "embedded")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Settings:
     api_workers: int
     grpc_metrics_port: int
     runner_port: int
+    embedded_runner: bool  # runner: embedded, a model in each API server; else one runner on runner_port
     default_top_k: int
     max_body_bytes: int
     pixel_limits: PixelLimits
@@ -97,6 +99,7 @@ def read_settings(path: Path) -> Settings:
         api_workers=api_server["workers"],
         grpc_metrics_port=api_server["grpc"]["metrics"]["port"],
         runner_port=own["runner_port"],
+        embedded_runner=runner_mode(own.get("runner", "shared")) == "embedded",
         default_top_k=own["default_top_k"],
         max_body_bytes=own["max_body_bytes"],
         pixel_limits=PixelLimits(max_image_pixels=own["max_image_pixels"], max_jpeg_pixels=own["max_jpeg_pixels"]),
@@ -116,6 +119,12 @@ def read_settings(path: Path) -> Settings:
         tls_ca_certs=tls.get("ca_certs"),
         config_file=path,
     )
+
+
+def runner_mode(value: str) -> str:
+    if value not in RUNNER_MODES:
+        raise ValueError(f"services.{SERVICE_NAME}.runner is {value!r}: it must be one of {', '.join(RUNNER_MODES)}")
+    return value
 
 
 def write_config_on_free_ports(path: Path, overrides: dict[str, t.Any] | None = None) -> Path:

@@ -50,6 +50,7 @@ class Worker:
     command: list[str]
     env: dict[str, str]  # on top of the launcher's
     listens: Address | None = None  # a socket the launcher binds and the worker inherits (FD in its command)
+    holds_model: bool = False  # loads the model (versions.RELOAD_SIGNAL makes it look at the store)
 
     @property
     def name(self) -> str:
@@ -81,10 +82,10 @@ def runner_worker_envs() -> list[dict[str, str]]:
 
 
 def plan(bento: str, working_dir: Path) -> list[Worker]:
-    """The runner's workers first, then each door's.
+    """The runner's workers first (none with ``runner: embedded``: each API worker loads the model), then each door's.
 
     Ports, TLS and gRPC options come from BentoML's configuration, which the
-    workers read too; ``runner_port`` is the project's own setting.
+    workers read too; ``runner_port`` and ``runner`` are the project's own settings.
     """
     from bentoml._internal.configuration.containers import BentoMLContainer
     from bentoml.grpc.utils import LATEST_PROTOCOL_VERSION
@@ -96,16 +97,17 @@ def plan(bento: str, working_dir: Path) -> list[Worker]:
     env = {"PROMETHEUS_MULTIPROC_DIR": ensure_prometheus_dir()}
     python = [sys.executable, "-m"]
     common = ["--working-dir", str(working_dir)]
-    runner_port = load_settings().runner_port
+    settings = load_settings()
+    runner_port, embedded = settings.runner_port, settings.embedded_runner
     runner_map = ["--runner-map", json.dumps({SERVICE_NAME: f"tcp://127.0.0.1:{runner_port}"})]
     workers: list[Worker] = []
 
     runner_address = Address("127.0.0.1", runner_port, backlog)
     runner_envs = json.dumps(dict(enumerate(envs := runner_worker_envs())))
-    for index in range(1, len(envs) + 1):
+    for index in range(1, 0 if embedded else len(envs) + 1):
         command = [*python, RUNNER_MODULE, bento, "--runner-name", SERVICE_NAME, "--fd", FD, *common]
         command += ["--no-access-log", "--worker-id", str(index), "--worker-env-map", runner_envs]
-        workers.append(Worker("runner", index, command, env, runner_address))
+        workers.append(Worker("runner", index, command, env, runner_address, holds_model=True))
 
     http_address = Address(config.http.host.get(), config.http.port.get(), backlog)
     http_ssl = construct_ssl_args(
@@ -129,9 +131,9 @@ def plan(bento: str, working_dir: Path) -> list[Worker]:
     for index in range(1, config.api_server_workers.get() + 1):
         worker = [*runner_map, *common, "--worker-id", str(index)]
         command = [*python, HTTP_MODULE, bento, "--fd", FD, "--backlog", str(backlog), *worker, *http_ssl]
-        workers.append(Worker("http", index, command, env, http_address))
+        workers.append(Worker("http", index, command, env, http_address, holds_model=embedded))
         command = [*python, GRPC_MODULE, bento, *grpc_address, *worker, *grpc_ssl, *grpc_options]
-        workers.append(Worker("grpc", index, command, env))
+        workers.append(Worker("grpc", index, command, env, holds_model=embedded))
 
     if config.api_server_config.metrics.enabled.get():
         metrics_address = Address(grpc.metrics.host.get(), grpc.metrics.port.get(), backlog)

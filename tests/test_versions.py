@@ -36,10 +36,12 @@ from bentoml.grpc.v1 import service_pb2_grpc as bento_grpc
 from google.protobuf import json_format
 
 from benchmarks.model_copies import add_version, copy_model
+from client.request_inception_v3 import classify_grpc, classify_rest
 from inception_v3.protocols.tfserving import VERSION_KEY, pb
 from inception_v3.settings import write_config_on_free_ports
 from inception_v3.versions import DEFAULT, ServedVersions, State, VersionPolicy
-from tests.conftest import CAT_JPEG, ROOT, SHARED_BENTOML_HOME, WORK_DIR, hosted_bento
+from tests.conftest import CAT_JPEG, ROOT, SHARED_BENTOML_HOME, WORK_DIR, hosted_bento, split_address
+from tests.expectations import assert_same_prediction
 from tests.test_faults import Stack, start_stack, stop_stack
 
 CAT = CAT_JPEG.read_bytes()
@@ -423,3 +425,30 @@ def test_bentoml_serve_of_the_bento_picks_up_a_new_version(saved_model: str, mon
         first = answering_version()
         add_version(store, tag, first + 1)
         wait_for(lambda: answering_version() == first + 1, POLL_S + 15, "bentoml serve answers with the new version")
+
+
+def test_embedded_runner_serves_both_doors_and_each_takes_a_new_version_on_sighup(
+    saved_model: str, reference_classify
+) -> None:
+    """``runner: embedded``: no runner worker; each API server answers as the model in process, and
+    ``make reload``'s SIGHUP reaches both (they poll the store only when told: ``model_poll_s: 0``)."""
+    store, tag = own_store("versions-embedded", saved_model)
+    overrides = {"services.inception_v3.runner": "embedded", "services.inception_v3.model_poll_s": 0}
+    stack = watching_stack("versions-embedded", store, overrides)
+    try:
+        assert set(stack.pieces()) == {"http", "grpc", "grpc-metrics"}
+        doors = {
+            "http": lambda: classify_rest(CAT, *split_address(stack.http), timeout_s=30, top_k=None),
+            "grpc": lambda: classify_grpc(CAT, *split_address(stack.grpc), timeout_s=30, top_k=None),
+        }
+        expected = reference_classify(CAT)
+        for classify in doors.values():
+            assert_same_prediction(classify(), expected)
+        old = bentoml.models.get(saved_model).info.metadata["serving_version"]
+        assert {door: classify()["version"] for door, classify in doors.items()} == {"http": old, "grpc": old}
+        add_version(store, tag, old + 1)
+        os.kill(stack.process.pid, signal.SIGHUP)  # what `make reload` sends
+        for door, classify in doors.items():
+            wait_for(lambda classify=classify: classify()["version"] == old + 1, 60, f"{door} answers the new version")
+    finally:
+        stop_stack(stack)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from inception_v3 import workers
-from inception_v3.settings import write_config_on_free_ports
+from inception_v3.settings import read_settings, write_config_on_free_ports
 from tests.conftest import ROOT
 
 
@@ -37,3 +39,18 @@ def test_the_plan_gives_each_worker_what_bentomls_supervisors_would(saved_model:
     assert [w.command[w.command.index("--worker-id") + 1] for w in planned if w.kind == "http"] == ["1", "2"]
     shared = {w.listens for w in planned if w.kind == "http"}
     assert len(shared) == 1, "HTTP workers share one socket"
+    assert [w.kind for w in planned if w.holds_model] == ["runner"]
+
+
+def test_with_an_embedded_runner_the_api_workers_hold_the_model_and_no_runner_starts(tmp_path) -> None:
+    config_file = write_config_on_free_ports(
+        tmp_path / "configuration.yaml", {"services.inception_v3.runner": "embedded"}
+    )
+    planned = workers.planned("service:svc", ROOT, {**os.environ, "BENTOML_CONFIG": str(config_file)})
+    assert [(w.kind, w.holds_model) for w in planned] == [("http", True), ("grpc", True), ("grpc-metrics", False)]
+
+
+def test_a_runner_mode_that_does_not_exist_is_named(tmp_path) -> None:
+    config_file = write_config_on_free_ports(tmp_path / "configuration.yaml", {"services.inception_v3.runner": "local"})
+    with pytest.raises(ValueError, match="runner is 'local': it must be one of shared, embedded"):
+        read_settings(config_file)
