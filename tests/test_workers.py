@@ -42,7 +42,9 @@ def test_the_plan_gives_each_worker_what_bentomls_supervisors_would(saved_model:
     assert [w.kind for w in planned if w.holds_model] == ["runner"]
 
 
-def test_with_an_embedded_runner_the_api_workers_hold_the_model_and_no_runner_starts(tmp_path) -> None:
+def test_with_an_embedded_runner_the_api_workers_hold_the_model_and_no_runner_starts(
+    saved_model: str, tmp_path
+) -> None:
     config_file = write_config_on_free_ports(
         tmp_path / "configuration.yaml", {"services.inception_v3.runner": "embedded"}
     )
