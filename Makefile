@@ -68,7 +68,7 @@ stop:
 
 # Look at the model store for new versions now (the runner also looks every model_poll_s seconds).
 reload:
-	@if [ -f $(RUN_DIR)/serve.pid ]; then kill -HUP $$(cat $(RUN_DIR)/serve.pid) && echo "asked make serve's runner to look for new versions"; \
+	@if [ -f $(RUN_DIR)/serve.pid ]; then kill -HUP $$(cat $(RUN_DIR)/serve.pid) && echo "asked make serve to look for new model versions"; \
 	elif [ -f $(RUN_DIR)/container.json ]; then $(PY) -m container.image reload; \
 	else echo "nothing is serving (make serve or make run)" >&2; exit 1; fi
 
