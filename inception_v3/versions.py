@@ -26,6 +26,7 @@ import time
 import typing as t
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -148,6 +149,21 @@ class Version:
 Loader = Callable[["bentoml.Model"], tuple["Engine", "Choice"]]
 
 
+FilesSignature = tuple[tuple[str, int, int], ...]
+
+
+def files_signature(model: bentoml.Model) -> FilesSignature:
+    """Each file of a model's folder: its path, size and modification time."""
+    root = Path(model.path)
+    found = []
+    for path in root.rglob("*"):
+        with contextlib.suppress(OSError):  # removed while listed
+            if path.is_file():
+                stat = path.stat()
+                found.append((str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns))
+    return tuple(sorted(found))
+
+
 class ServedVersions:
     """The versions a runner serves, and their swaps. Thread-safe: batches run while versions load."""
 
@@ -157,7 +173,7 @@ class ServedVersions:
         self.load = load
         self.versions: dict[int, Version] = {}
         self.ended: list[Version] = []
-        self.failed_tags: set[str] = set()
+        self.failed_files: dict[str, FilesSignature] = {}  # by tag: what the model's folder held when it failed
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.refreshing = threading.Lock()
@@ -199,8 +215,10 @@ class ServedVersions:
             wanted = self.policy.select(self.list_models())
             for number, model in sorted(wanted.items()):
                 known = self.versions.get(number)
-                if known is not None or str(model.tag) in self.failed_tags:
-                    if known is not None and known.model.tag != model.tag:
+                if known is None and self.unchanged_since_it_failed(model):
+                    continue
+                if known is not None:
+                    if known.model.tag != model.tag:
                         logger.warning(
                             "version %d was saved again (%s); the loaded %s goes on serving: "
                             "save under a new version number to replace it",
@@ -215,10 +233,27 @@ class ServedVersions:
             for number in [n for n in self.versions if n not in wanted]:
                 self.unload_version(self.versions[number])
 
+    def unchanged_since_it_failed(self, model: bentoml.Model) -> bool:
+        """A model that failed to load is tried again only once its files change.
+
+        BentoML's ``ModelStore.register`` copies a saved model into its store folder in
+        place, so a look at the store can list a model that ``save_model.py`` is still
+        copying in (measured: "Incorrect weights in bin file!" from a half-copied IR);
+        its next look finds the files changed and loads it whole. A model that is broken
+        as saved is not loaded again, and keeps its error.
+        """
+        failed = self.failed_files.get(str(model.tag))
+        return failed is not None and failed == files_signature(model)
+
     def load_version(self, version: Version) -> None:
         with self.lock:
             self.versions[version.number] = version
             version.state = State.LOADING
+        files = files_signature(version.model)  # before loading: a copy that ends during the load is a change
+        if str(version.model.tag) in self.failed_files:
+            logger.info(
+                "version %d (%s) changed since it failed to load: loading it again", version.number, version.model.tag
+            )
         started = time.perf_counter()
         try:
             engine, choice = self.load(version.model)
@@ -229,7 +264,7 @@ class ServedVersions:
             with self.lock:
                 del self.versions[version.number]
                 version.state, version.error = State.END, f"{type(error).__name__}: {error}"
-                self.failed_tags.add(str(version.model.tag))
+                self.failed_files[str(version.model.tag)] = files
                 self.keep_ended(version)
             return
         with self.lock:

@@ -52,9 +52,11 @@ CALL_TIMEOUT_S = 10
 # --- the policy and the swap, in process --------------------------------------------------------
 
 
-def stand_in(number: int, created: float, name: str = "") -> types.SimpleNamespace:
+def stand_in(number: int, created: float, name: str = "", path: Path | None = None) -> types.SimpleNamespace:
+    """A model of the store: ``path`` its folder (default: one that does not exist, so it holds no files)."""
     info = types.SimpleNamespace(creation_time=created, metadata={"serving_version": number})
-    return types.SimpleNamespace(info=info, tag=name or f"inception_v3:v{number}-{created}")
+    tag = name or f"inception_v3:v{number}-{created}"
+    return types.SimpleNamespace(info=info, tag=tag, path=str(path or WORK_DIR / "no-such-model"))
 
 
 def test_policy_picks_the_newest_or_the_named_versions() -> None:
@@ -119,6 +121,30 @@ def test_a_version_that_fails_to_load_leaves_the_current_one_serving() -> None:
     assert statuses[2]["state"] == State.END.value and "unreadable IR" in statuses[2]["error"]
     with served.use(DEFAULT) as version:
         assert version.number == 1
+
+
+def test_a_version_listed_while_it_was_still_being_copied_loads_once_its_files_change(tmp_path: Path) -> None:
+    """BentoML copies a saved model into the store folder in place: a look at the store can find it
+    half copied. Its failed load is tried again once its files change, and not before."""
+    folder = tmp_path / "version-2"
+    (folder / "openvino").mkdir(parents=True)
+    (folder / "openvino" / "inception_v3_fp32.bin").write_bytes(b"half")
+    models = [stand_in(1, 1)]
+
+    def load(model: types.SimpleNamespace) -> tuple[object, None]:
+        if model.path == str(folder) and (folder / "openvino" / "inception_v3_fp32.bin").read_bytes() == b"half":
+            raise RuntimeError("Incorrect weights in bin file!")
+        return (lambda pixels: None), None
+
+    served = ServedVersions(lambda: list(models), VersionPolicy(latest=1), load)
+    served.refresh()
+    models.append(stand_in(2, 2, path=folder))
+    served.refresh()
+    served.refresh()  # the same files: not tried again
+    assert {s["version"]: s["state"] for s in served.status()} == {1: "AVAILABLE", 2: "END"}
+    (folder / "openvino" / "inception_v3_fp32.bin").write_bytes(b"whole, at last")
+    served.refresh()
+    assert {s["version"]: s["state"] for s in served.status()} == {2: "AVAILABLE", 1: "END"}
 
 
 # --- real servers ---------------------------------------------------------------------------------
