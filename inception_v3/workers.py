@@ -103,8 +103,8 @@ def plan(bento: str, working_dir: Path) -> list[Worker]:
     workers: list[Worker] = []
 
     runner_address = Address("127.0.0.1", runner_port, backlog)
-    runner_envs = json.dumps(dict(enumerate(envs := runner_worker_envs())))
-    for index in range(1, 0 if embedded else len(envs) + 1):
+    runner_envs = json.dumps(dict(enumerate(envs := [] if embedded else runner_worker_envs())))
+    for index in range(1, len(envs) + 1):
         command = [*python, RUNNER_MODULE, bento, "--runner-name", SERVICE_NAME, "--fd", FD, *common]
         command += ["--no-access-log", "--worker-id", str(index), "--worker-env-map", runner_envs]
         workers.append(Worker("runner", index, command, env, runner_address, holds_model=True))
