@@ -20,17 +20,33 @@ BentoML 1.4 has no setting for the dispatcher; the runner server builds it from
 ``bentoml._internal.server.runner_app.CorkDispatcher``, which ``install`` replaces.
 ``service.py`` calls it, so it runs in every process that loads the service, and
 in the runner server before that builds its app; only the runner builds dispatchers.
+
+BentoML's embedded runner (``runner: embedded``) batches nothing: its handle runs
+each call alone, one at a time. ``install`` gives its batchable methods the same
+dispatcher in the API server itself (``EmbeddedBatches``): concurrent requests to
+one door share an engine call, as they share a batch in the runner, and the batch
+sizes go to the runner's histogram, ``bentoml_runner_adaptive_batch_size``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import typing as t
 
+import numpy as np
+from bentoml._internal.configuration.containers import BentoMLContainer
+from bentoml._internal.context import server_context
 from bentoml._internal.marshal import dispatcher
+from bentoml._internal.runner.runner_handle.local import LocalRunnerRef
 from bentoml._internal.server import runner_app
+from bentoml._internal.utils.metrics import exponential_buckets
+from bentoml.exceptions import ServiceUnavailable
+
+if t.TYPE_CHECKING:
+    from bentoml._internal.runner.runner import RunnerMethod
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +91,85 @@ class PreviousBatchDispatcher(dispatcher.CorkDispatcher):
         self.expected_jobs = len(inputs_info) + len(self._queue)
 
 
+Arguments = tuple[np.ndarray, ...]  # one call's positional arguments, each batched on axis 0
+
+
+class EmbeddedBatches(PreviousBatchDispatcher):
+    """Batches of an embedded runner's calls, each call's arrays whole (at least one call a batch)."""
+
+    def _get_inputs(self, num_batches: int | None = None) -> t.Iterator[dispatcher.Job]:
+        samples = 0
+        while self._queue and (
+            samples == 0 or samples + self.get_batch_size(self._queue[0].data) <= self.max_batch_size
+        ):
+            job = self._queue.popleft()
+            samples += self.get_batch_size(job.data)
+            yield job
+
+
+def overloaded() -> t.NoReturn:
+    raise ServiceUnavailable("the model is overloaded: a request waited longer than runners.batching.max_latency_ms")
+
+
+run_alone = LocalRunnerRef.async_run_method  # BentoML's: each call by itself
+
+
+@functools.cache
+def batch_sizes() -> t.Any:
+    """The runner server's histogram of batch sizes (``runner_app``), for the batches of an embedded runner."""
+    max_batch_size = BentoMLContainer.runners_config.get()["batching"]["max_batch_size"]
+    return BentoMLContainer.metrics_client.get().Histogram(
+        namespace="bentoml_runner",
+        name="adaptive_batch_size",
+        documentation="Runner adaptive batch size",
+        labelnames=["runner_name", "worker_index", "method_name", "service_version", "service_name"],
+        buckets=exponential_buckets(1, 2, max_batch_size),
+    )
+
+
+async def run_batch(handle: LocalRunnerRef, method: RunnerMethod, calls: tuple[Arguments, ...]) -> list[t.Any]:
+    """One call of ``method`` for several calls' arguments, its outputs split back by call."""
+    batch_sizes().labels(
+        runner_name=method.runner.name,
+        worker_index=server_context.worker_index,
+        method_name=method.name,
+        service_version=server_context.bento_version,
+        service_name=server_context.bento_name,
+    ).observe(len(calls))
+    arguments = [np.concatenate(arrays) for arrays in zip(*calls, strict=True)]
+    outputs = await run_alone(handle, method, *arguments)
+    ends = np.cumsum([len(call[0]) for call in calls])[:-1]
+    if isinstance(outputs, tuple):
+        return list(zip(*(np.split(output, ends) for output in outputs), strict=True))
+    return np.split(outputs, ends)
+
+
+async def run_batched(handle: LocalRunnerRef, method: RunnerMethod, *args: t.Any, **kwargs: t.Any) -> t.Any:
+    """``LocalRunnerRef.async_run_method`` through an ``EmbeddedBatches`` per batchable method of an
+    embedded runner (a runner server's handle is a ``LocalRunnerRef`` too, behind its own dispatcher)."""
+    if (
+        not method.runner.embedded
+        or kwargs
+        or not method.config.batchable
+        or method.max_batch_size <= 1
+        or method.config.batch_dim != (0, 0)
+    ):
+        return await run_alone(handle, method, *args, **kwargs)
+    batches: dict[str, t.Callable[[Arguments], t.Awaitable[t.Any]]] = handle.__dict__.setdefault("batches", {})
+    if method.name not in batches:
+        batches[method.name] = EmbeddedBatches(
+            method.max_latency_ms,
+            method.max_batch_size,
+            fallback=overloaded,
+            get_batch_size=lambda call: len(call[0]),
+        )(functools.partial(run_batch, handle, method))
+    return await batches[method.name](args)
+
+
 def install(patience: float) -> None:
-    """Batch with ``PreviousBatchDispatcher`` (``patience`` > 0) or BentoML's own dispatcher (0)."""
+    """Batch with ``PreviousBatchDispatcher`` (``patience`` > 0) or BentoML's own dispatcher (0) in
+    the runner, and with ``EmbeddedBatches`` in an embedded runner (0: whatever is queued when the model is free)."""
+    PreviousBatchDispatcher.patience = patience
     if patience > 0:
-        PreviousBatchDispatcher.patience = patience
         runner_app.CorkDispatcher = PreviousBatchDispatcher
+    LocalRunnerRef.async_run_method = run_batched

@@ -1,4 +1,4 @@
-"""The runner's batch dispatcher (inception_v3/batching.py) with a stand-in model: no servers, no TensorFlow."""
+"""The batch dispatchers (inception_v3/batching.py) with a stand-in model: no servers, no TensorFlow."""
 
 from __future__ import annotations
 
@@ -6,6 +6,12 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+import bentoml
+import numpy as np
+import pytest
+from bentoml.exceptions import ServiceUnavailable
+
+from inception_v3 import batching
 from inception_v3.batching import PreviousBatchDispatcher
 
 COMPUTE_S = 0.05  # the stand-in model's time per batch
@@ -89,5 +95,66 @@ def test_a_request_queued_past_max_latency_gets_the_fallback() -> None:
         assert await classify(3) == "overloaded"  # queued behind the running batch for > 20 ms
         assert await running == 4
         assert batches == [1]
+
+    asyncio.run(scenario())
+
+
+class Doubler(bentoml.legacy.Runnable):
+    """A stand-in for the model: doubles its rows, says how many a call held and which call it was."""
+
+    SUPPORTED_RESOURCES = ("cpu",)
+    SUPPORTS_CPU_MULTI_THREADING = True
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    @bentoml.legacy.Runnable.method(batchable=True, batch_dim=0)
+    def double(self, rows: np.ndarray, tags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.calls.append(len(rows))
+        time.sleep(COMPUTE_S)
+        return 2 * rows, np.full(len(rows), len(self.calls))
+
+    @bentoml.legacy.Runnable.method(batchable=True, batch_dim=0)
+    def fail(self, rows: np.ndarray) -> np.ndarray:
+        raise ValueError(f"no good: {len(rows)} rows")
+
+
+def embedded_runner(max_latency_ms: int = 10_000) -> tuple[bentoml.legacy.Runner, Doubler]:
+    batching.install(PATIENCE)
+    runner = bentoml.legacy.Runner(
+        Doubler, name="doubler", embedded=True, max_batch_size=8, max_latency_ms=max_latency_ms
+    )
+    runner.init_local(quiet=True)
+    return runner, runner._runner_handle._runnable
+
+
+def test_an_embedded_runner_batches_concurrent_calls_and_gives_each_its_own_rows() -> None:
+    async def scenario() -> None:
+        runner, doubler = embedded_runner()
+        sizes = [1, 3, 1, 2, 6, 1]  # queued at once: 1 + 3 + 1 + 2, then 6 + 1 (a call is never split)
+        answers = await asyncio.gather(
+            *(runner.double.async_run(np.full(size, number), np.zeros(size)) for number, size in enumerate(sizes))
+        )
+        for number, (size, (rows, call)) in enumerate(zip(sizes, answers, strict=True)):
+            assert rows.tolist() == [2 * number] * size
+            assert len(set(call.tolist())) == 1
+        assert doubler.calls == [7, 7]
+        ((rows, _),) = await asyncio.gather(runner.double.async_run(np.arange(12), np.zeros(12)))
+        assert rows.tolist() == list(range(0, 24, 2))  # larger than a batch: whole, in one call
+        assert doubler.calls[-1] == 12
+
+    asyncio.run(scenario())
+
+
+def test_an_embedded_runner_gives_every_call_of_a_failed_batch_its_error_and_503_past_max_latency() -> None:
+    async def scenario() -> None:
+        runner, _ = embedded_runner(max_latency_ms=20)
+        failures = await asyncio.gather(*(runner.fail.async_run(np.zeros(2)) for _ in range(3)), return_exceptions=True)
+        assert [str(error) for error in failures] == ["no good: 6 rows"] * 3  # one batch, its error to each call
+        running = asyncio.ensure_future(runner.double.async_run(np.zeros(1), np.zeros(1)))
+        await asyncio.sleep(0.005)
+        with pytest.raises(ServiceUnavailable, match="max_latency_ms"):
+            await runner.double.async_run(np.zeros(1), np.zeros(1))  # queued behind it for > 20 ms
+        await running
 
     asyncio.run(scenario())
