@@ -4,9 +4,11 @@
     bentoml serve-grpc service:svc   # gRPC (BentoML APIs, TF Serving and Open Inference services)
 
 The API workers decode and resize each image (``preprocessing``); the runner
-batches concurrent requests from every door (BentoML adaptive batching;
-``inception_v3/batching.py`` decides when a batch leaves) for the engine this host
-runs best (``inception_v3/engines``: OpenVINO on CPUs, TensorFlow on a GPU).
+batches concurrent requests (BentoML adaptive batching; ``inception_v3/batching.py``
+decides when a batch leaves) for the engine this host runs best
+(``inception_v3/engines``: OpenVINO on CPUs, TensorFlow on a GPU). ``runner: auto``
+embeds OpenVINO in each API server, which batches its own requests, and shares one
+runner process among the doors for TensorFlow (``settings.Settings.embedded_runner``).
 gRPC serving exists only for BentoML's legacy Service API, hence ``bentoml.legacy``.
 """
 

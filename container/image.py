@@ -12,7 +12,7 @@ command); with buildah it first builds a Debian base offline
 (container/build-base.sh) and passes it as the BASE_IMAGE build argument.
 An image is meant to ship, so it refuses a Bento whose model has random weights
 unless ``--allow-random-weights`` says so (``make build_all WEIGHTS=random``).
-``run`` starts the image's default command (HTTP and gRPC from one runner) in the
+``run`` starts the image's default command (HTTP and gRPC, one launcher) in the
 background and records the container in a state file for ``stop``. The ports are
 those of the image's configuration file, or of ``--config``, mounted over it.
 ``--model-store`` mounts a model store folder: the runner serves its versions and

@@ -1,4 +1,4 @@
-"""Serve HTTP and gRPC from one model in memory: one runner, two API servers.
+"""Serve HTTP and gRPC under one supervisor: two API servers and, with a shared runner, the runner.
 
     python -m inception_v3.launcher [--bento service:svc] [--working-dir .]
     python -m inception_v3.launcher --wait-ready [--timeout 120] [--pid PID]
@@ -6,9 +6,9 @@
 
 ``bentoml serve`` and ``bentoml serve-grpc`` each start a runner of their own
 (two copies of the model). This starts what BentoML's distributed commands
-start, as a cluster would: the runner's worker on ``runner_port`` and the HTTP
-and gRPC API workers that both call it, each a piece of its own, without those
-commands' supervisors (``inception_v3.workers``). The launcher holds the
+start, as a cluster would: with ``runner: shared`` the runner's worker on
+``runner_port`` and the HTTP and gRPC API workers that both call it, each a piece
+of its own, without those commands' supervisors (``inception_v3.workers``). The launcher holds the
 listening sockets and stays in the foreground; SIGTERM or SIGINT stops the API
 servers first (they drain in-flight requests), then the runner. Ports come from
 the configuration file.
@@ -26,8 +26,9 @@ watchdog kills what they started; at start, what a crashed run left in this
 working directory is killed, and a configured port another process holds is
 named with its pid.
 
-With ``runner: embedded`` there is no runner worker: each API server loads the
-model itself (BentoML's embedded runner; no hop, no batching across requests).
+With ``runner: embedded`` (what ``auto`` is for the OpenVINO engine) there is no
+runner worker: each API server loads the model itself (BentoML's embedded runner;
+no hop) and batches its own requests (``inception_v3.batching``).
 
 SIGHUP asks the runner to look at the model store now (``versions``: it polls it
 every ``model_poll_s`` seconds anyway): the launcher passes it on to the workers

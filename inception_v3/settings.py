@@ -16,13 +16,14 @@ from pathlib import Path
 
 import yaml
 
+from .engines import engine_here
 from .preprocessing import PixelLimits
 from .versions import VersionPolicy
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_FILE = PROJECT_ROOT / "configuration.yaml"
 SERVICE_NAME = "inception_v3"
-RUNNER_MODES = ("shared", "embedded")
+RUNNER_MODES = ("auto", "shared", "embedded")
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Settings:
     api_workers: int
     grpc_metrics_port: int
     runner_port: int
-    embedded_runner: bool  # runner: embedded, a model in each API server; else one runner on runner_port
+    runner: str  # as configured: auto, shared or embedded (see embedded_runner)
     default_top_k: int
     max_body_bytes: int
     pixel_limits: PixelLimits
@@ -56,6 +57,17 @@ class Settings:
     tls: bool  # api_server.ssl.enabled: both doors serve TLS only
     tls_ca_certs: str | None  # api_server.ssl.ca_certs: the CA of client certificates (mutual TLS)
     config_file: Path
+
+    @property
+    def embedded_runner(self) -> bool:
+        """A model in each API server, batching that server's requests; else one runner on ``runner_port``.
+
+        ``auto``: embedded for the OpenVINO engine (the CPU), shared for TensorFlow (a GPU wants one
+        batching queue for both doors, and TensorFlow in each door would be two copies of it).
+        """
+        if self.runner == "auto":
+            return engine_here(self.engine) == "openvino"
+        return self.runner == "embedded"
 
 
 def config_file() -> Path:
@@ -99,7 +111,7 @@ def read_settings(path: Path) -> Settings:
         api_workers=api_server["workers"],
         grpc_metrics_port=api_server["grpc"]["metrics"]["port"],
         runner_port=own["runner_port"],
-        embedded_runner=runner_mode(own.get("runner", "shared")) == "embedded",
+        runner=runner_mode(os.environ.get("INCEPTION_V3_RUNNER", own.get("runner", "auto"))),
         default_top_k=own["default_top_k"],
         max_body_bytes=own["max_body_bytes"],
         pixel_limits=PixelLimits(max_image_pixels=own["max_image_pixels"], max_jpeg_pixels=own["max_jpeg_pixels"]),

@@ -117,6 +117,8 @@ def test_distributed_api_servers_share_the_runner_service() -> None:
     assert http_probe(api["http"], "readinessProbe") == ("/readyz", HTTP_PORT)
     for probe in ("livenessProbe", "readinessProbe"):
         assert api["grpc"][probe]["grpc"]["port"] == GRPC_PORT
+    for container in (runner_container, api["http"], api["grpc"]):  # not a model in each API server
+        assert {"name": "INCEPTION_V3_RUNNER", "value": "shared"} in container["env"]
 
 
 def test_bentofile_pins_the_same_packages_as_requirements() -> None:

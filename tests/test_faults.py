@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from inception_v3 import lineage
 from inception_v3.launcher import FAILURE_WINDOW_S, MAX_FAILURES, Piece
-from inception_v3.settings import write_config_on_free_ports
+from inception_v3.settings import read_settings, write_config_on_free_ports
 from inception_v3.tls import ClientTls, grpc_channel, http_url
 from inception_v3.workers import Worker
 from tests.conftest import CAT_JPEG, ROOT, linked_bentoml_home, start_launcher
@@ -122,8 +122,9 @@ def stop_stack(stack: Stack) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(saved_model: str) -> Iterator[Stack]:
-    launched = start_stack("faults")
+def stack(saved_model: str, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """The launcher with ``runner: <request.param>`` (auto, the default: no runner process on a CPU)."""
+    launched = start_stack(f"faults-{request.param}", {"services.inception_v3.runner": request.param})
     try:
         launched.cold_start_s = launched.wait_ready()
         yield launched
@@ -197,6 +198,7 @@ def wait_restarted(stack: Stack, name: str, old: psutil.Process, timeout_s: floa
         time.sleep(0.2)
 
 
+@pytest.mark.parametrize("stack", ["shared"], indirect=True)
 def test_runner_killed_under_load_is_restarted_with_only_200_and_503_meanwhile(stack: Stack) -> None:
     """The runner's worker, which the launcher restarts (BentoML's workers run without its supervisors)."""
     runner = stack.pieces()["runner"]
@@ -238,6 +240,7 @@ def test_runner_killed_under_load_is_restarted_with_only_200_and_503_meanwhile(s
     assert not runner.is_running() and stack.pieces()["runner"].pid != runner.pid
 
 
+@pytest.mark.parametrize("stack", ["auto", "shared"], indirect=True)
 @pytest.mark.parametrize(("victim", "other"), [("http", "grpc"), ("grpc", "http")])
 def test_api_server_killed_other_door_serves_on(stack: Stack, victim: str, other: str) -> None:
     old = stack.pieces()[victim]
@@ -280,7 +283,9 @@ def test_launcher_killed_leaves_no_process_and_a_restart_clears_leftovers(saved_
     try:
         stack.wait_ready()
         processes = stack.processes()
-        assert set(stack.pieces()) == {"runner", "http", "grpc", "grpc-metrics"}, stack.pieces()
+        doors = {"http", "grpc", "grpc-metrics"}
+        expected = doors if read_settings(Path(stack.env["BENTOML_CONFIG"])).embedded_runner else {"runner", *doors}
+        assert set(stack.pieces()) == expected, stack.pieces()
         stack.process.kill()
         killed = time.monotonic()
         _, alive = psutil.wait_procs(processes, timeout=5)

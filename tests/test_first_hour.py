@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from client import request_inception_v3 as client
-from inception_v3.settings import load_settings, write_config_on_free_ports
+from inception_v3.settings import load_settings, read_settings, write_config_on_free_ports
 from tests.conftest import CAT_JPEG, ROOT, TEST_CONFIG, linked_bentoml_home, split_address, start_launcher
 
 pytestmark = pytest.mark.servers
@@ -45,7 +45,7 @@ class Served:
     http: str
     grpc: str
     grpc_metrics: str
-    runner: str
+    runner: str | None  # None with an embedded runner (runner: auto on a CPU)
     config_file: Path
 
 
@@ -90,7 +90,9 @@ def served(saved_model: str) -> Iterator[Served]:
             http=f"127.0.0.1:{http_port}",
             grpc=f"127.0.0.1:{grpc_port}",
             grpc_metrics=f"127.0.0.1:{config['api_server']['grpc']['metrics']['port']}",
-            runner=f"127.0.0.1:{config['services']['inception_v3']['runner_port']}",
+            runner=None
+            if read_settings(config_file).embedded_runner
+            else f"127.0.0.1:{config['services']['inception_v3']['runner_port']}",
             config_file=config_file,
         )
     finally:
@@ -231,9 +233,10 @@ def test_grpc_server_metrics_at_the_metrics_path(served: Served) -> None:
     assert httpx.get(f"http://{served.grpc_metrics}/other").status_code == 404
 
 
-def test_serve_grpc_metrics_at_the_metrics_path(grpc_address: str) -> None:
+def test_serve_grpc_metrics_at_the_metrics_path(grpc_address: str, cat_jpeg: bytes) -> None:
     """``bentoml serve-grpc`` starts its metrics server elsewhere in BentoML than the launcher does."""
     metrics_port = yaml.safe_load(TEST_CONFIG.read_text())["api_server"]["grpc"]["metrics"]["port"]
+    client.classify_grpc(cat_jpeg, *split_address(grpc_address), timeout_s=30, top_k=None)  # metrics to show
     response = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics")
     assert response.status_code == 200 and "bentoml_" in response.text, response.text
     statuses = {path: httpx.get(f"http://127.0.0.1:{metrics_port}{path}").status_code for path in PROBED_PATHS}
@@ -264,7 +267,7 @@ PROBED_PATHS = [
 
 def test_no_route_of_any_server_answers_500(served: Served) -> None:
     answers = {}
-    for server in (served.http, served.grpc_metrics, served.runner):
+    for server in filter(None, (served.http, served.grpc_metrics, served.runner)):
         for path in PROBED_PATHS:
             for method in ("GET", "POST", "PUT", "DELETE", "HEAD"):
                 answers[f"{method} {server}{path}"] = httpx.request(method, f"http://{server}{path}", timeout=30)

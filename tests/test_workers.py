@@ -15,7 +15,9 @@ from tests.conftest import ROOT
 def test_the_plan_gives_each_worker_what_bentomls_supervisors_would(saved_model: str, tmp_path) -> None:
     import service
 
-    config_file = write_config_on_free_ports(tmp_path / "configuration.yaml", {"api_server.workers": 2})
+    config_file = write_config_on_free_ports(
+        tmp_path / "configuration.yaml", {"api_server.workers": 2, "services.inception_v3.runner": "shared"}
+    )
     env = {**os.environ, "BENTOML_CONFIG": str(config_file)}
     planned = workers.planned("service:svc", ROOT, env)
 
@@ -54,5 +56,19 @@ def test_with_an_embedded_runner_the_api_workers_hold_the_model_and_no_runner_st
 
 def test_a_runner_mode_that_does_not_exist_is_named(tmp_path) -> None:
     config_file = write_config_on_free_ports(tmp_path / "configuration.yaml", {"services.inception_v3.runner": "local"})
-    with pytest.raises(ValueError, match="runner is 'local': it must be one of shared, embedded"):
+    with pytest.raises(ValueError, match="runner is 'local': it must be one of auto, shared, embedded"):
         read_settings(config_file)
+
+
+@pytest.mark.parametrize(
+    ("engine", "runner", "embedded"),
+    [("auto", "auto", True), ("openvino", "auto", True), ("tensorflow", "auto", False), ("auto", "shared", False)],
+)
+def test_runner_auto_embeds_the_openvino_engine_and_shares_tensorflow(
+    tmp_path, monkeypatch, engine: str, runner: str, embedded: bool
+) -> None:
+    """``auto`` follows the engine this host runs (no GPU here: auto is OpenVINO); ``INCEPTION_V3_RUNNER`` wins."""
+    overrides = {"services.inception_v3.engine": engine, "services.inception_v3.runner": "embedded"}
+    config_file = write_config_on_free_ports(tmp_path / "configuration.yaml", overrides)
+    monkeypatch.setenv("INCEPTION_V3_RUNNER", runner)
+    assert read_settings(config_file).embedded_runner is embedded

@@ -108,6 +108,15 @@ def installed() -> tuple[str, ...]:
     return tuple(found)
 
 
+def engine_name(engine: str, gpu: bool = False, available: t.Collection[str] = ENGINES) -> str:
+    """What an ``engine`` setting means: ``auto`` is TensorFlow on an NVIDIA GPU (where installed), else OpenVINO."""
+    return engine if engine != "auto" else ("tensorflow" if gpu and "tensorflow" in available else "openvino")
+
+
+def engine_here(engine: str) -> str:
+    return engine_name(engine, gpu_visible(), installed())
+
+
 def choose(
     engine: str,
     precision: str,
@@ -119,7 +128,7 @@ def choose(
     """What runs here. ``offered``: the precisions the saved model carries for OpenVINO;
     ``available``: the engines installed.
 
-    ``auto`` engine: TensorFlow on an NVIDIA GPU (where installed), OpenVINO on CPUs. ``auto`` precision:
+    ``auto`` engine: see ``engine_name``. ``auto`` precision:
     bf16 where the CPU has AMX-BF16 or AVX512_BF16 (OpenVINO), fp32 otherwise. int8 is
     never automatic: it changes answers, so it is asked for by name.
     """
@@ -127,7 +136,7 @@ def choose(
         raise EngineChoiceError(f"engine {engine!r}: expected auto or one of {', '.join(ENGINES)}")
     if precision not in ("auto", *PRECISIONS):
         raise EngineChoiceError(f"precision {precision!r}: expected auto or one of {', '.join(PRECISIONS)}")
-    name = engine if engine != "auto" else ("tensorflow" if gpu and "tensorflow" in available else "openvino")
+    name = engine_name(engine, gpu, available)
     if name not in available:
         raise EngineChoiceError(
             f"the {name} engine needs the {LIBRARIES[name]} package, which is not installed here "
