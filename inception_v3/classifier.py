@@ -3,9 +3,9 @@
 As KServe's data plane is for its protocols: BentoML's APIs, TensorFlow Serving's
 REST and gRPC doors and any other door take a request apart, and call this for the
 work they share: the per-request image limit, decoding (``preprocessing``), the
-runner (one batching queue for all doors), the version asked for (``versions``:
-the runner holds the versions and answers with the one that classified), labels
-and top-k, and what the model is (its versions, their states, weights and engine).
+runner (a batching queue: shared by all doors, or one per API server when embedded),
+the version asked for (``versions``: the runner holds the versions and answers with
+the one that classified), labels and top-k, and what the model is (its versions, their states, weights and engine).
 """
 
 from __future__ import annotations
