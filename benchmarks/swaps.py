@@ -126,10 +126,12 @@ def wait(condition: Any, timeout_s: float, what: str) -> float:
 
 
 def stack_pss(pid: int) -> tuple[float, float]:
-    """The whole stack's PSS and the runner worker's, in GiB."""
+    """The whole stack's PSS and that of what holds the model (the runner worker, or each API
+    server with an embedded runner), in GiB."""
     usage = memory_of_tree(pid)
-    runner = sum(m["pss"] for name, m in usage.items() if "worker.runner" in name)
-    return sum(m["pss"] for m in usage.values()) / 2**30, runner / 2**30
+    runner = [m["pss"] for name, m in usage.items() if "worker.runner" in name]
+    holders = runner or [m["pss"] for name, m in usage.items() if "_api_server" in name]
+    return sum(m["pss"] for m in usage.values()) / 2**30, sum(holders) / 2**30
 
 
 def one_swap(load: Load, store: Path, settings: Settings) -> dict[str, Any]:
@@ -167,7 +169,7 @@ def run(swaps: int, concurrency: int, work: Path) -> dict[str, Any]:
         pss_before, runner_before = stack_pss(launcher.pid)
         log(
             f"steady: p99 {steady_p99:.0f} ms at concurrency {concurrency}; stack PSS {pss_before:.3f} GiB "
-            f"(runner worker {runner_before:.3f})"
+            f"(the model's workers {runner_before:.3f})"
         )
         results = []
         for number in range(swaps):
@@ -179,7 +181,7 @@ def run(swaps: int, concurrency: int, work: Path) -> dict[str, Any]:
             log(
                 f"swap {number + 1}/{swaps}: version {swap['version']} answered {swap['save_to_serving_s']:.2f} s "
                 f"after it appeared; p99 {swap['p99_ms']:.0f} ms ({swap['p99_vs_steady']:.2f}x steady); "
-                f"PSS {swap['pss_gib']:.3f} GiB ({swap['pss_vs_before']:.3f}x before; runner worker "
+                f"PSS {swap['pss_gib']:.3f} GiB ({swap['pss_vs_before']:.3f}x before; the model's workers "
                 f"{swap['runner_pss_gib']:.3f})"
             )
         load.stop()
