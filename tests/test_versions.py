@@ -172,10 +172,9 @@ def statuses(stack: Stack) -> dict[int, dict]:
 
 
 def model_workers(stack: Stack) -> list[psutil.Process]:
-    """What holds the model: the runner worker, or each API worker (an embedded runner, runner: auto on a CPU)."""
-    commands = {process: " ".join(process.cmdline()) for process in stack.processes()}
-    runners = [process for process, command in commands.items() if "bentoml_cli.worker.runner" in command]
-    return runners or [process for process, command in commands.items() if "_api_server" in command]
+    """What holds the model: the runner, or each API server (an embedded runner, runner: auto on a CPU)."""
+    pieces = stack.pieces()
+    return [pieces["runner"]] if "runner" in pieces else [pieces["http"], pieces["grpc"]]
 
 
 def pss(processes: list[psutil.Process]) -> int:

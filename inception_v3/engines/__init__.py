@@ -108,7 +108,7 @@ def installed() -> tuple[str, ...]:
     return tuple(found)
 
 
-def engine_name(engine: str, gpu: bool = False, available: t.Collection[str] = ENGINES) -> str:
+def engine_name(engine: str, gpu: bool, available: t.Collection[str]) -> str:
     """What an ``engine`` setting means: ``auto`` is TensorFlow on an NVIDIA GPU (where installed), else OpenVINO."""
     return engine if engine != "auto" else ("tensorflow" if gpu and "tensorflow" in available else "openvino")
 
