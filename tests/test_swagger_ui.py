@@ -86,6 +86,7 @@ def test_tf_serving_routes_are_listed(page: Page) -> None:
 def test_predict_is_documented_with_its_example_answer(page: Page) -> None:
     operation = page.locator(PREDICT)
     operation.locator(".opblock-summary").click()
+    operation.locator(".opblock-body").wait_for()  # the UI renders the opened operation after the click
     text = operation.inner_text()
     assert "Classify one image" in text
     assert "Siamese cat" in text  # the pydantic example of the answer, not an empty schema
