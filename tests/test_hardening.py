@@ -692,13 +692,20 @@ def test_launcher_sigterm_drains_in_flight_requests_and_leaves_no_process(launch
     def grpc_predict() -> str:
         return grpc_call(launched.grpc, image_request(CAT))[0]
 
+    def grpc_answered(samples: list[tuple[str, dict[str, str], float]]) -> float:
+        return metric_value(samples, "inception_v3_requests_total", protocol="grpc")
+
+    answered_before = grpc_answered(metric_samples(httpx.get(f"http://{launched.http}/metrics").text))
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(trickled_upload) for _ in range(2)] + [pool.submit(grpc_predict) for _ in range(12)]
         deadline = time.monotonic() + TIMEOUT_S
         while True:
             samples = metric_samples(httpx.get(f"http://{launched.http}/metrics", timeout=TIMEOUT_S).text)
             in_flight = {p: metric_value(samples, "inception_v3_in_flight", protocol=p) for p in ("http", "grpc")}
-            if all(in_flight.values()):
+            # Every gRPC call reached the server (one still on its way when SIGTERM came would be refused,
+            # UNAVAILABLE, as a draining server must), and some are still being served.
+            arrived = in_flight["grpc"] + grpc_answered(samples) - answered_before
+            if all(in_flight.values()) and arrived >= 12:
                 break
             assert time.monotonic() < deadline, "requests never in flight"
             time.sleep(0.02)
