@@ -93,7 +93,7 @@ class InceptionV3Runnable(bentoml.legacy.Runnable):
         engine: str,
         precision: str,
         xla_batch_sizes: Sequence[int],
-        openvino_batch_limit: int = 0,
+        openvino_batch_limit: int | str = 0,
         store_watch: StoreWatch | None = None,
     ) -> None:
         self.engine_setting, self.precision_setting = engine, precision

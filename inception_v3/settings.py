@@ -51,7 +51,7 @@ class Settings:
     engine: str
     precision: str
     xla_batch_sizes: tuple[int, ...]
-    openvino_batch_limit: int
+    openvino_batch_limit: int | str  # images per part, or auto (engines.openvino.part_size)
     api_keys_file: str | None
     protect_health_and_metrics: bool
     tls: bool  # api_server.ssl.enabled: both doors serve TLS only
@@ -124,7 +124,7 @@ def read_settings(path: Path) -> Settings:
         engine=own["engine"],
         precision=own["precision"],
         xla_batch_sizes=tuple(own["xla_batch_sizes"]),
-        openvino_batch_limit=own["openvino_batch_limit"],
+        openvino_batch_limit=batch_limit(own["openvino_batch_limit"]),
         api_keys_file=auth.get("api_keys_file"),
         protect_health_and_metrics=bool(auth.get("protect_health_and_metrics")),
         tls=bool(tls.get("enabled")),
@@ -137,6 +137,14 @@ def runner_mode(value: str) -> str:
     if value not in RUNNER_MODES:
         raise ValueError(f"services.{SERVICE_NAME}.runner is {value!r}: it must be one of {', '.join(RUNNER_MODES)}")
     return value
+
+
+def batch_limit(value: t.Any) -> int | str:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise ValueError(
+        f"services.{SERVICE_NAME}.openvino_batch_limit is {value!r}: it must be auto or a count (0: whole)"
+    )
 
 
 def write_config_on_free_ports(path: Path, overrides: dict[str, t.Any] | None = None) -> Path:

@@ -57,6 +57,13 @@ def test_openvino_batch_in_parts_answers_as_whole(bento_model, batch, tensorflow
     np.testing.assert_allclose(answer, tensorflow_fp32, rtol=1e-4, atol=1e-7)
 
 
+def test_openvino_batch_limit_auto_is_two_images_per_inference_thread(bento_model) -> None:
+    engine = load(bento_model, "openvino", "fp32", batch_limit="auto")
+    threads = int(engine.compiled.get_property("INFERENCE_NUM_THREADS"))
+    assert engine.batch_limit == 2 * threads
+    assert load(bento_model, "openvino", "fp32", batch_limit=0).batch_limit == 0
+
+
 def test_openvino_bf16_runs_close_to_fp32(bento_model, batch, tensorflow_fp32) -> None:
     """Random weights give near-uniform outputs: only the numbers can be compared, not top-1 (README)."""
     answer = load(bento_model, "openvino", "bf16")(batch)

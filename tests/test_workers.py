@@ -72,3 +72,12 @@ def test_runner_auto_embeds_the_openvino_engine_and_shares_tensorflow(
     config_file = write_config_on_free_ports(tmp_path / "configuration.yaml", overrides)
     monkeypatch.setenv("INCEPTION_V3_RUNNER", runner)
     assert read_settings(config_file).embedded_runner is embedded
+
+
+@pytest.mark.parametrize("value", ["half", -1, 2.5, True])
+def test_an_openvino_batch_limit_that_is_not_a_count_is_named(tmp_path, value) -> None:
+    config_file = write_config_on_free_ports(
+        tmp_path / "configuration.yaml", {"services.inception_v3.openvino_batch_limit": value}
+    )
+    with pytest.raises(ValueError, match=r"openvino_batch_limit is .*: it must be auto or a count"):
+        read_settings(config_file)

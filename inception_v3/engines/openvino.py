@@ -33,6 +33,10 @@ INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16"}  # int8: OpenVINO's own ch
 # LATENCY: one stream over all cores, the batch split across them. THROUGHPUT's several
 # streams serve one batch on one stream, slower for a runner that sends one batch at a time.
 PERFORMANCE_HINT = "LATENCY"
+# batch_limit "auto": parts of this many images per inference thread. Measured in process
+# (bf16, AMX Xeon): per-image speed stops rising at 2 images on 1 core and at 3-4 on 2 cores,
+# while every image more in a part keeps its buffers (parts of 4 against 8: 100 MiB less).
+IMAGES_PER_THREAD = 2
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +93,7 @@ def read_model(bento_model: bentoml.Model, precision: str) -> ov.Model:
 
 
 class OpenVinoEngine:
-    """``batch_limit``: larger batches run in parts of that many images (0: whole).
+    """``batch_limit``: larger batches run in parts of that many images (0: whole; see ``part_size``).
 
     OpenVINO keeps the buffers of the largest batch it has run, and of every batch
     size, in the allocator's free lists: after batches of 1-16 a bf16 model held
@@ -114,9 +118,17 @@ class OpenVinoEngine:
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
-def load(bento_model: bentoml.Model, precision: str, batch_limit: int = 0, **_: t.Any) -> OpenVinoEngine:
+def part_size(batch_limit: int | str, inference_threads: int) -> int:
+    """The ``openvino_batch_limit`` setting as images per part: ``auto`` follows the threads OpenVINO computes on."""
+    return IMAGES_PER_THREAD * inference_threads if batch_limit == "auto" else int(batch_limit)
+
+
+def load(bento_model: bentoml.Model, precision: str, batch_limit: int | str = 0, **_: t.Any) -> OpenVinoEngine:
     config = {"PERFORMANCE_HINT": PERFORMANCE_HINT}
     if precision in INFERENCE_PRECISION:
         config["INFERENCE_PRECISION_HINT"] = INFERENCE_PRECISION[precision]
     compiled = ov.Core().compile_model(read_model(bento_model, precision), "CPU", config)
-    return OpenVinoEngine(compiled, precision, batch_limit)
+    threads = int(compiled.get_property("INFERENCE_NUM_THREADS"))
+    part = part_size(batch_limit, threads)
+    logger.info("OpenVINO computes on %d threads; batches run in parts of %s", threads, part or "any size")
+    return OpenVinoEngine(compiled, precision, part)
