@@ -28,7 +28,7 @@ use_project_config_by_default()
 settings = load_settings()
 bento_model = versions.model_store(settings.model_store).get(settings.model_tag)
 
-batching.install(settings.batch_patience)
+batching.install(settings.batch_patience, settings.embedded_batch_patience)
 connect_without_environment()
 runner = bentoml.legacy.Runner(
     InceptionV3Runnable,

@@ -22,10 +22,16 @@ BentoML 1.4 has no setting for the dispatcher; the runner server builds it from
 in the runner server before that builds its app; only the runner builds dispatchers.
 
 BentoML's embedded runner (``runner: embedded``) batches nothing: its handle runs
-each call alone, one at a time. ``install`` gives its batchable methods the same
-dispatcher in the API server itself (``EmbeddedBatches``): concurrent requests to
-one door share an engine call, as they share a batch in the runner, and the batch
-sizes go to the runner's histogram, ``bentoml_runner_adaptive_batch_size``.
+each call alone, one at a time. ``install`` gives its batchable methods a dispatcher
+in the API server itself (``EmbeddedBatches``): concurrent requests to one door share
+an engine call, as they share a batch in the runner, and the batch sizes go to the
+runner's histogram, ``bentoml_runner_adaptive_batch_size``. There the requests on
+their way are known rather than guessed: the next batch waits for the images the API
+server is decoding. Measured on a 2-core AMX Xeon (OpenVINO bf16, HTTP): in closed
+loops at concurrency 8 it matched or beat the previous-batch rule (0.96-1.11x), and
+under open-loop (Poisson) traffic it kept the latency down, where the previous-batch
+rule with the same patience waits for requests that a client never sends back
+(at 60 requests/s, p50 25-34 ms, against 130-161 ms; 33-35 ms at patience 0.15).
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ from bentoml._internal.runner.runner_handle.local import LocalRunnerRef
 from bentoml._internal.server import runner_app
 from bentoml._internal.utils.metrics import exponential_buckets
 from bentoml.exceptions import ServiceUnavailable
+
+from . import preprocessing
 
 if t.TYPE_CHECKING:
     from bentoml._internal.runner.runner import RunnerMethod
@@ -72,9 +80,7 @@ class PreviousBatchDispatcher(dispatcher.CorkDispatcher):
                     self._queue.popleft().future.cancel()  # answered 503 by the runner's fallback
                     continue
                 if self._sema.is_locked() or (
-                    len(self._queue) < self.expected_jobs
-                    and now < self.wait_until
-                    and self.queued_samples() < self.max_batch_size
+                    now < self.wait_until and self.queued_samples() < self.max_batch_size and self.more_on_the_way()
                 ):
                     await asyncio.sleep(self.TICKET_INTERVAL)
                     continue
@@ -82,6 +88,10 @@ class PreviousBatchDispatcher(dispatcher.CorkDispatcher):
                 self._loop.create_task(self.outbound_call(tuple(self._get_inputs())))
             except Exception:
                 logger.exception("Error processing batch requests")
+
+    def more_on_the_way(self) -> bool:
+        """Whether requests for the next batch are still coming: those of the previous batch."""
+        return len(self._queue) < self.expected_jobs
 
     async def outbound_call(self, inputs_info: tuple[dispatcher.Job, ...], training: bool = False) -> None:
         started = time.time()
@@ -95,7 +105,15 @@ Arguments = tuple[np.ndarray, ...]  # one call's positional arguments, each batc
 
 
 class EmbeddedBatches(PreviousBatchDispatcher):
-    """Batches of an embedded runner's calls, each call's arrays whole (at least one call a batch)."""
+    """Batches of an embedded runner's calls, each call's arrays whole (at least one call a batch).
+
+    In the API server itself, the requests on their way are known: those whose images
+    are being decoded (``preprocessing.decoding``). The next batch waits for them, at
+    most ``patience`` times the previous batch's compute time.
+    """
+
+    def more_on_the_way(self) -> bool:
+        return preprocessing.decoding > 0
 
     def _get_inputs(self, num_batches: int | None = None) -> t.Iterator[dispatcher.Job]:
         samples = 0
@@ -166,10 +184,12 @@ async def run_batched(handle: LocalRunnerRef, method: RunnerMethod, *args: t.Any
     return await batches[method.name](args)
 
 
-def install(patience: float) -> None:
-    """Batch with ``PreviousBatchDispatcher`` (``patience`` > 0) or BentoML's own dispatcher (0) in
-    the runner, and with ``EmbeddedBatches`` in an embedded runner (0: whatever is queued when the model is free)."""
+def install(patience: float, embedded_patience: float) -> None:
+    """Batch with ``PreviousBatchDispatcher`` (``patience`` > 0) or BentoML's own dispatcher (0) in the
+    runner, and with ``EmbeddedBatches`` in an embedded runner (``embedded_patience`` 0: whatever is
+    queued when the model is free)."""
     PreviousBatchDispatcher.patience = patience
+    EmbeddedBatches.patience = embedded_patience
     if patience > 0:
         runner_app.CorkDispatcher = PreviousBatchDispatcher
     LocalRunnerRef.async_run_method = run_batched

@@ -65,9 +65,21 @@ def prepare_image(data: bytes, limits: PixelLimits = DEFAULT_LIMITS) -> np.ndarr
     return np.asarray(image, dtype=np.uint8)
 
 
+decoding = 0  # read_image calls in progress in this process: the batches of an embedded runner wait for them
+
+
 async def read_image(data: bytes, limits: PixelLimits = DEFAULT_LIMITS) -> np.ndarray:
-    """``prepare_image`` in a thread, so an API worker's event loop goes on serving meanwhile."""
-    return await asyncio.to_thread(prepare_image, data, limits)
+    """``prepare_image`` in a thread, so an API worker's event loop goes on serving meanwhile.
+
+    Once this returns, its caller queues the pixels for the model without a pause of the
+    event loop between, so ``decoding`` counts the images on their way to the next batch.
+    """
+    global decoding
+    decoding += 1
+    try:
+        return await asyncio.to_thread(prepare_image, data, limits)
+    finally:
+        decoding -= 1
 
 
 def open_image(data: bytes, limits: PixelLimits = DEFAULT_LIMITS) -> Image.Image:

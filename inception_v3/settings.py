@@ -48,6 +48,7 @@ class Settings:
     max_queue: int
     retry_after_s: int
     batch_patience: float
+    embedded_batch_patience: float
     engine: str
     precision: str
     xla_batch_sizes: tuple[int, ...]
@@ -121,6 +122,7 @@ def read_settings(path: Path) -> Settings:
         max_queue=own["max_queue"],
         retry_after_s=own["retry_after_s"],
         batch_patience=own["batch_patience"],
+        embedded_batch_patience=own["embedded_batch_patience"],
         engine=own["engine"],
         precision=own["precision"],
         xla_batch_sizes=tuple(own["xla_batch_sizes"]),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from bentoml.exceptions import ServiceUnavailable
 
-from inception_v3 import batching
+from inception_v3 import batching, preprocessing
 from inception_v3.batching import PreviousBatchDispatcher
 
 COMPUTE_S = 0.05  # the stand-in model's time per batch
@@ -119,8 +119,8 @@ class Doubler(bentoml.legacy.Runnable):
         raise ValueError(f"no good: {len(rows)} rows")
 
 
-def embedded_runner(max_latency_ms: int = 10_000) -> tuple[bentoml.legacy.Runner, Doubler]:
-    batching.install(PATIENCE)
+def embedded_runner(max_latency_ms: int = 10_000, patience: float = PATIENCE) -> tuple[bentoml.legacy.Runner, Doubler]:
+    batching.install(PATIENCE, patience)
     runner = bentoml.legacy.Runner(
         Doubler, name="doubler", embedded=True, max_batch_size=8, max_latency_ms=max_latency_ms
     )
@@ -156,5 +156,27 @@ def test_an_embedded_runner_gives_every_call_of_a_failed_batch_its_error_and_503
         with pytest.raises(ServiceUnavailable, match="max_latency_ms"):
             await runner.double.async_run(np.zeros(1), np.zeros(1))  # queued behind it for > 20 ms
         await running
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("decode_s", "batches"), [(0.04, [1, 2]), (0.3, [1, 1, 1])])
+def test_an_embedded_batch_waits_for_the_images_being_decoded_within_patience(
+    monkeypatch, decode_s: float, batches: list[int]
+) -> None:
+    """A batch of one runs; meanwhile two requests arrive, one decoded in 5 ms, one in ``decode_s``.
+    The next batch waits for the second while it is decoded, at most 2 x the previous batch's 50 ms."""
+    monkeypatch.setattr(preprocessing, "prepare_image", lambda seconds, limits: time.sleep(seconds) or np.ones(1))
+
+    async def scenario() -> None:
+        runner, doubler = embedded_runner(patience=2.0)
+
+        async def request(decode_s: float) -> object:
+            await asyncio.sleep(0.03)
+            return await runner.double.async_run(await preprocessing.read_image(decode_s), np.zeros(1))
+
+        await asyncio.gather(runner.double.async_run(np.zeros(1), np.zeros(1)), request(0.005), request(decode_s))
+        assert doubler.calls == batches
+        assert preprocessing.decoding == 0
 
     asyncio.run(scenario())
