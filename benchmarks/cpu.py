@@ -2,22 +2,28 @@
 
     python -m benchmarks.cpu --variant "" --variant "services.inception_v3.batch_patience=0" \\
         --concurrency 8 1 --rounds 4
+    python -m benchmarks.cpu --variant "" --variant "services.inception_v3.embedded_batch_patience=0" \\
+        --concurrency 8 --arrivals 30 60 80 --protocols http
 
 Every variant's stack (``python -m inception_v3.launcher``, a model with int8 calibrated
 on crops of cat.jpg, so ``services.inception_v3.precision=int8`` is a variant too) is up
 for the whole run. Each round, for each variant (the order alternating), protocol and
 concurrency (in the order given: ``8 1`` shows lone requests just after a burst), one
-block of ``--requests`` requests, and the CPU time each process of that stack used
-during the block, from ``/proc``, divided by the requests. It prints, per variant and
-block kind, the median p50 latency, the mean images/s and ratio to the first variant
-per round, and the CPU milliseconds per request of the runner worker, each API server,
-the gRPC metrics server, the launcher (with its watchdog) and this client.
+block of ``--requests`` requests (closed loops: each client sends its next when
+answered; ``--arrivals`` adds open-loop blocks, requests sent at Poisson arrivals of
+that many per second whether or not the earlier ones are answered, as independent
+clients do), and the CPU time each process of that stack used during the block, from
+``/proc``, divided by the requests. It prints, per variant and block kind, the median
+p50 and p99 latency, the mean images/s and ratio to the first variant per round, and
+the CPU milliseconds per request of the runner worker, each API server, the gRPC
+metrics server, the launcher (with its watchdog) and this client.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import statistics
 import subprocess
@@ -26,6 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +57,7 @@ from inception_v3.launcher import wait_ready
 from inception_v3.settings import PROJECT_ROOT, Settings, read_settings, write_config_on_free_ports
 
 WARMUP_PER_CLIENT = 3
+OPEN_LOOP_CONNECTIONS = 64  # open-loop requests in flight at most (each thread keeps a connection)
 READY_TIMEOUT_S = 240
 
 
@@ -92,18 +100,52 @@ def block(make_call: Callable[[], Callable[[], object]], concurrency: int, reque
         thread.start()
     for thread in threads:
         thread.join()
-    elapsed = time.perf_counter() - started
-    p50_ms = 1000 * statistics.median(latencies)
-    return {"requests": len(latencies), "images_per_s": len(latencies) / elapsed, "p50_ms": p50_ms}
+    return latency_figures(latencies, time.perf_counter() - started)
 
 
-def measured_block(stack: Stack, protocol: str, concurrency: int, requests: int) -> dict[str, Any]:
-    """``block`` on one door of ``stack``, with the CPU milliseconds per request of each of its processes."""
+def arrivals_block(make_call: Callable[[], Callable[[], object]], rate: float, requests: int) -> dict[str, Any]:
+    """``requests`` requests at Poisson arrivals of ``rate`` per second; each latency counts from its
+    arrival, so time spent queued behind a busy server counts too."""
+    own = threading.local()
+
+    def send(arrival: float) -> float:
+        if not hasattr(own, "call"):
+            own.call = make_call()
+        own.call()
+        return time.perf_counter() - arrival
+
+    arrivals = random.Random(requests)
+    with ThreadPoolExecutor(OPEN_LOOP_CONNECTIONS) as pool:
+        started = arrival = time.perf_counter()
+        sent = []
+        for _ in range(requests):
+            arrival += arrivals.expovariate(rate)
+            time.sleep(max(0.0, arrival - time.perf_counter()))
+            sent.append(pool.submit(send, arrival))
+        latencies = [request.result() for request in sent]
+    return latency_figures(latencies, time.perf_counter() - started)
+
+
+def latency_figures(latencies: list[float], elapsed_s: float) -> dict[str, Any]:
+    return {
+        "requests": len(latencies),
+        "images_per_s": len(latencies) / elapsed_s,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * statistics.quantiles(latencies, n=100)[98],
+    }
+
+
+def measured_block(stack: Stack, protocol: str, load: str, requests: int) -> dict[str, Any]:
+    """A block on one door of ``stack`` (``load``: ``c8``, closed loops, or ``30/s``, arrivals), with the CPU
+    milliseconds per request of each of its processes."""
     image = IMAGE_FILE.read_bytes()
     ports = stack.settings
     caller = http_caller(ports.http_port, image) if protocol == "http" else grpc_caller(ports.grpc_port, image)
     before, client_before = cpu_by_process(stack.launcher.pid), time.process_time()
-    result = block(caller, concurrency, requests)
+    if load.endswith("/s"):
+        result = arrivals_block(caller, float(load[:-2]), requests)
+    else:
+        result = block(caller, int(load[1:]), requests)
     after, client_after = cpu_by_process(stack.launcher.pid), time.process_time()
     count = result["requests"]
     cpu = {name: 1000 * (seconds - before.get(name, 0.0)) / count for name, seconds in after.items()}
@@ -156,6 +198,7 @@ def report(variants: list[str], figures: list[dict[str, list[dict[str, Any]]]], 
             )
             print(
                 f"  {variant or '(as configured)'}: p50 {statistics.median(r['p50_ms'] for r in rows):.1f} ms, "
+                f"p99 {statistics.median(r['p99_ms'] for r in rows):.1f} ms, "
                 f"{statistics.fmean(r['images_per_s'] for r in rows):.1f} images/s ({ratios}); "
                 f"CPU ms per request: {cpu}"
             )
@@ -166,11 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", required=True, help='"KEY=VALUE ..." ("" as configured)')
     parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8], help="blocks, in this order")
+    parser.add_argument("--arrivals", nargs="*", type=float, default=[], help="open-loop blocks: requests/s")
     parser.add_argument("--requests", type=int, default=200, help="per block")
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args(argv)
-    kinds = [(protocol, concurrency) for concurrency in args.concurrency for protocol in args.protocols]
-    figures: list[dict[str, list[dict[str, Any]]]] = [{f"{p} c{c}": [] for p, c in kinds} for _ in args.variant]
+    loads = [f"c{concurrency}" for concurrency in args.concurrency] + [f"{rate:g}/s" for rate in args.arrivals]
+    kinds = [(protocol, load) for load in loads for protocol in args.protocols]
+    results: list[dict[str, list[dict[str, Any]]]] = [{f"{p} {load}": [] for p, load in kinds} for _ in args.variant]
     work = Path(tempfile.mkdtemp(prefix="inception-v3-cpu-"))
     try:
         with ExitStack() as stacks:
@@ -179,16 +224,17 @@ def main(argv: list[str] | None = None) -> int:
                 order = list(enumerate(started))
                 for number, stack in order if round_number % 2 == 0 else order[::-1]:
                     log(f"round {round_number + 1}/{args.rounds}: {args.variant[number] or '(as configured)'}")
-                    for protocol, concurrency in kinds:
-                        figure = measured_block(stack, protocol, concurrency, args.requests)
-                        figures[number][f"{protocol} c{concurrency}"].append(figure)
+                    for protocol, load in kinds:
+                        results[number][f"{protocol} {load}"].append(
+                            measured_block(stack, protocol, load, args.requests)
+                        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report(args.variant, figures, args.rounds, args.requests)
+    report(args.variant, results, args.rounds, args.requests)
     output = RESULTS_DIR / f"cpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    results = [{"variant": variant, "figures": by_kind} for variant, by_kind in zip(args.variant, figures, strict=True)]
-    output.write_text(json.dumps({"options": vars(args), "results": results}, indent=2))
+    by_variant = [{"variant": v, "figures": by_kind} for v, by_kind in zip(args.variant, results, strict=True)]
+    output.write_text(json.dumps({"options": vars(args), "results": by_variant}, indent=2))
     log(f"wrote {output}")
     return 0
 
