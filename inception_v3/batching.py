@@ -1,4 +1,4 @@
-"""Adaptive batching that waits, briefly, for the previous batch's requests to come back.
+"""Adaptive batching that waits, briefly, for requests on their way to the next batch.
 
 BentoML's dispatcher (``CorkDispatcher``, one per runner method) holds a request
 back only while its learned average queueing time is long; with a compute-bound
