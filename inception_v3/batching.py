@@ -28,7 +28,7 @@ an engine call, as they share a batch in the runner, and the batch sizes go to t
 runner's histogram, ``bentoml_runner_adaptive_batch_size``. There the requests on
 their way are known rather than guessed: the next batch waits for the images the API
 server is decoding. Measured on a 2-core AMX Xeon (OpenVINO bf16, HTTP): in closed
-loops at concurrency 8 it matched or beat the previous-batch rule (0.96-1.11x), and
+loops at concurrency 8 it matched or beat the previous-batch rule (0.96-1.20x), and
 under open-loop (Poisson) traffic it kept the latency down, where the previous-batch
 rule with the same patience waits for requests that a client never sends back
 (at 60 requests/s, p50 25-34 ms, against 130-161 ms; 33-35 ms at patience 0.15).
