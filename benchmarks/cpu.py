@@ -114,7 +114,7 @@ def arrivals_block(make_call: Callable[[], Callable[[], object]], rate: float, r
         own.call()
         return time.perf_counter() - arrival
 
-    arrivals = random.Random(requests)
+    arrivals = random.Random(requests)  # seeded: every variant gets the same arrival times
     with ThreadPoolExecutor(OPEN_LOOP_CONNECTIONS) as pool:
         started = arrival = time.perf_counter()
         sent = []
