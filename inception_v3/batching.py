@@ -37,6 +37,7 @@ rule with the same patience waits for requests that a client never sends back
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -66,6 +67,10 @@ class PreviousBatchDispatcher(dispatcher.CorkDispatcher):
         super().__init__(*args, **kwargs)
         self.expected_jobs = 1
         self.wait_until = 0.0  # the end of the wait for the previous batch's requests
+        # Set by whatever can change the controller's decision, which waits for it (or for its next
+        # deadline) instead of BentoML's 1 ms polling: the poll let 1.1 ms pass between a batch's
+        # last request and its start (2-core AMD EPYC, OpenVINO bf16, HTTP at concurrency 8).
+        self.changed = asyncio.Event()
 
     def queued_samples(self) -> int:
         return sum(self.get_batch_size(job.data) for job in self._queue)
@@ -73,25 +78,38 @@ class PreviousBatchDispatcher(dispatcher.CorkDispatcher):
     async def controller(self) -> None:
         while True:
             try:
-                async with self._wake_event:
-                    await self._wake_event.wait_for(self._queue.__len__)
+                self.changed.clear()
+                if not self._queue:
+                    await self.changed.wait()
+                    continue
                 now = time.time()
-                if now - self._queue[0].enqueue_time >= self.max_latency:
+                expires = self._queue[0].enqueue_time + self.max_latency
+                if now >= expires:
                     self._queue.popleft().future.cancel()  # answered 503 by the runner's fallback
                     continue
-                if self._sema.is_locked() or (
-                    now < self.wait_until and self.queued_samples() < self.max_batch_size and self.more_on_the_way()
-                ):
-                    await asyncio.sleep(self.TICKET_INTERVAL)
+                if self._sema.is_locked():
+                    await self.until_changed(expires - now)
+                    continue
+                if now < self.wait_until and self.queued_samples() < self.max_batch_size and self.more_on_the_way():
+                    await self.until_changed(min(expires, self.wait_until) - now)
                     continue
                 self._sema.acquire()
                 self._loop.create_task(self.outbound_call(tuple(self._get_inputs())))
             except Exception:
                 logger.exception("Error processing batch requests")
 
+    async def until_changed(self, timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self.changed.wait()
+
     def more_on_the_way(self) -> bool:
         """Whether requests for the next batch are still coming: those of the previous batch."""
         return len(self._queue) < self.expected_jobs
+
+    async def inbound_call(self, data: t.Any) -> t.Any:
+        self.changed.set()  # BentoML's inbound_call queues the request before it first awaits
+        return await super().inbound_call(data)
 
     async def outbound_call(self, inputs_info: tuple[dispatcher.Job, ...], training: bool = False) -> None:
         started = time.time()
@@ -99,6 +117,7 @@ class PreviousBatchDispatcher(dispatcher.CorkDispatcher):
         ended = time.time()
         self.wait_until = ended + self.patience * (ended - started)
         self.expected_jobs = len(inputs_info) + len(self._queue)
+        self.changed.set()
 
 
 Arguments = tuple[np.ndarray, ...]  # one call's positional arguments, each batched on axis 0
@@ -111,6 +130,10 @@ class EmbeddedBatches(PreviousBatchDispatcher):
     are being decoded (``preprocessing.decoding``). The next batch waits for them, at
     most ``patience`` times the previous batch's compute time.
     """
+
+    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
+        super().__init__(*args, **kwargs)
+        preprocessing.decodes_ended.add(self.changed)
 
     def more_on_the_way(self) -> bool:
         return preprocessing.decoding > 0

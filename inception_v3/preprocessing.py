@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import io
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +67,7 @@ def prepare_image(data: bytes, limits: PixelLimits = DEFAULT_LIMITS) -> np.ndarr
 
 
 decoding = 0  # read_image calls in progress in this process: the batches of an embedded runner wait for them
+decodes_ended: weakref.WeakSet[asyncio.Event] = weakref.WeakSet()  # set as each read_image call ends
 
 
 async def read_image(data: bytes, limits: PixelLimits = DEFAULT_LIMITS) -> np.ndarray:
@@ -80,6 +82,8 @@ async def read_image(data: bytes, limits: PixelLimits = DEFAULT_LIMITS) -> np.nd
         return await asyncio.to_thread(prepare_image, data, limits)
     finally:
         decoding -= 1
+        for event in decodes_ended:
+            event.set()
 
 
 def open_image(data: bytes, limits: PixelLimits = DEFAULT_LIMITS) -> Image.Image:

@@ -13,6 +13,7 @@ from bentoml.exceptions import ServiceUnavailable
 
 from inception_v3 import batching, preprocessing
 from inception_v3.batching import PreviousBatchDispatcher
+from inception_v3.errors import InvalidImage
 
 COMPUTE_S = 0.05  # the stand-in model's time per batch
 PATIENCE = 0.5  # of COMPUTE_S: 25 ms
@@ -178,5 +179,37 @@ def test_an_embedded_batch_waits_for_the_images_being_decoded_within_patience(
         await asyncio.gather(runner.double.async_run(np.zeros(1), np.zeros(1)), request(0.005), request(decode_s))
         assert doubler.calls == batches
         assert preprocessing.decoding == 0
+
+    asyncio.run(scenario())
+
+
+def test_an_embedded_batch_waiting_for_an_image_goes_as_soon_as_its_decoding_fails(monkeypatch) -> None:
+    """As above, the second image's decoding failing after 40 ms: the next batch goes then (about 70 ms
+    in), not when the patience runs out (at 150 ms)."""
+
+    def prepare(seconds: float, limits: object) -> np.ndarray:
+        time.sleep(seconds)
+        if seconds > 0.01:
+            raise InvalidImage("corrupt")
+        return np.ones(1)
+
+    monkeypatch.setattr(preprocessing, "prepare_image", prepare)
+
+    async def scenario() -> None:
+        runner, doubler = embedded_runner(patience=2.0)
+
+        async def request(decode_s: float) -> object:
+            await asyncio.sleep(0.03)
+            return await runner.double.async_run(await preprocessing.read_image(decode_s), np.zeros(1))
+
+        _, answered, failed = await asyncio.gather(
+            runner.double.async_run(np.zeros(1), np.zeros(1)),
+            timed(request(0.005)),
+            request(0.04),
+            return_exceptions=True,
+        )
+        assert isinstance(failed, InvalidImage)
+        assert doubler.calls == [1, 1]
+        assert answered[1] < 0.03 + 0.04 + COMPUTE_S + 0.04  # from its start: not 0.03 + 0.12 + COMPUTE_S
 
     asyncio.run(scenario())
