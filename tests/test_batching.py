@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 
@@ -161,6 +162,12 @@ def test_an_embedded_runner_gives_every_call_of_a_failed_batch_its_error_and_503
     asyncio.run(scenario())
 
 
+async def decoded_request(runner: bentoml.legacy.Runner, decode_s: float) -> object:
+    """30 ms in, an image decoded in ``decode_s`` (``prepare_image`` stood in for), then ``double`` of it."""
+    await asyncio.sleep(0.03)
+    return await runner.double.async_run(await preprocessing.read_image(decode_s), np.zeros(1))
+
+
 @pytest.mark.parametrize(("decode_s", "batches"), [(0.04, [1, 2]), (0.3, [1, 1, 1])])
 def test_an_embedded_batch_waits_for_the_images_being_decoded_within_patience(
     monkeypatch, decode_s: float, batches: list[int]
@@ -171,11 +178,7 @@ def test_an_embedded_batch_waits_for_the_images_being_decoded_within_patience(
 
     async def scenario() -> None:
         runner, doubler = embedded_runner(patience=2.0)
-
-        async def request(decode_s: float) -> object:
-            await asyncio.sleep(0.03)
-            return await runner.double.async_run(await preprocessing.read_image(decode_s), np.zeros(1))
-
+        request = functools.partial(decoded_request, runner)
         await asyncio.gather(runner.double.async_run(np.zeros(1), np.zeros(1)), request(0.005), request(decode_s))
         assert doubler.calls == batches
         assert preprocessing.decoding == 0
@@ -197,11 +200,7 @@ def test_an_embedded_batch_waiting_for_an_image_goes_as_soon_as_its_decoding_fai
 
     async def scenario() -> None:
         runner, doubler = embedded_runner(patience=2.0)
-
-        async def request(decode_s: float) -> object:
-            await asyncio.sleep(0.03)
-            return await runner.double.async_run(await preprocessing.read_image(decode_s), np.zeros(1))
-
+        request = functools.partial(decoded_request, runner)
         _, answered, failed = await asyncio.gather(
             runner.double.async_run(np.zeros(1), np.zeros(1)),
             timed(request(0.005)),
