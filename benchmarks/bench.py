@@ -354,6 +354,7 @@ def run_load(t0: float, points: list[LoadPoint], ready_timeout_s: float) -> dict
     if not wait_ready(settings, ready_timeout_s):
         raise RuntimeError(f"servers not ready after {ready_timeout_s:.0f} s")
     cold_start = time.time() - t0
+    at_ready = machine_counters()
     log(f"both servers ready {cold_start:.1f} s after the launcher started")
     image = IMAGE_FILE.read_bytes()
     callers = {"http": http_caller(settings.http_port, image), "grpc": grpc_caller(settings.grpc_port, image)}
@@ -371,7 +372,7 @@ def run_load(t0: float, points: list[LoadPoint], ready_timeout_s: float) -> dict
             f"p99 {result['p99_ms']:.0f} ms ({result['requests']} requests, {result['errors']} errors)"
         )
         results.append(result)
-    return {"cold_start_s": cold_start, "first_request_ms": first, "points": results}
+    return {"cold_start_s": cold_start, "counters_at_ready": at_ready, "first_request_ms": first, "points": results}
 
 
 # --- phase 3: the targets, interleaved (its own process, while the servers idle or run) --
@@ -485,9 +486,19 @@ def child(args: list[str], env: dict[str, str], output: Path) -> dict[str, Any]:
 
 
 def busy_cpu_s() -> float:
-    """Non-idle CPU seconds of the whole machine since boot."""
-    times = psutil.cpu_times()
-    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+    """CPU seconds this machine's processes ran since boot (time stolen by the hypervisor not counted)."""
+    times = psutil.cpu_times()._asdict()
+    return sum(times.values()) - sum(times.get(k, 0.0) for k in ("idle", "iowait", "steal", "guest", "guest_nice"))
+
+
+def machine_counters() -> dict[str, float]:
+    """CPU time the hypervisor gave to other guests, and bytes read from disk, since boot.
+
+    On a shared VM both vary from hour to hour and slow a start whose files the
+    page cache no longer holds; the cold start is reported with their share of it.
+    """
+    pages_in_kib = next(int(line.split()[1]) for line in Path("/proc/vmstat").open() if line.startswith("pgpgin "))
+    return {"stolen_cpu_s": getattr(psutil.cpu_times(), "steal", 0.0), "disk_read_mib": pages_in_kib / 1024}
 
 
 def machine() -> dict[str, Any]:
@@ -544,12 +555,15 @@ def run_stack(
     env: dict[str, str], work: Path, points: list[LoadPoint], interleaved: tuple[int, float, int] | None = None
 ) -> dict[str, Any]:
     """Start the stack, run the load points, measure its memory, then ``run_paired(*interleaved)``."""
-    t0 = time.time()
+    t0, at_launch = time.time(), machine_counters()
     with launched_stack(env, work) as launcher:
         load_args = ["load", "--t0", str(t0), "--points", json.dumps([p.__dict__ for p in points])]
         load = child(load_args, env, work / "load.json")
         if launcher.poll() is not None:
             raise RuntimeError(f"the launcher exited with {launcher.returncode}; see {work / 'serve.log'}")
+        at_ready = load.pop("counters_at_ready")
+        load["cold_start_disk_read_mib"] = at_ready["disk_read_mib"] - at_launch["disk_read_mib"]
+        load["cold_start_stolen_cores"] = (at_ready["stolen_cpu_s"] - at_launch["stolen_cpu_s"]) / load["cold_start_s"]
         ran = re.search(r"runs on (.+?); loaded", (work / "serve.log").read_text(errors="replace"))
         load["engine"] = ran.group(1) if ran else "unknown"
         at_end = memory_of_tree(launcher.pid)
@@ -664,12 +678,23 @@ def row_line(name: str, row: dict[str, float]) -> str:
     return f"{name:<28}{row['images_per_s']:>10.1f}{row['p50_ms']:>9.1f}{row['p99_ms']:>9.1f}"
 
 
+def cold_start_conditions(stack: dict[str, Any]) -> str:
+    """What slowed the start, where the run recorded it (runs before it was recorded have no such keys)."""
+    if "cold_start_disk_read_mib" not in stack:
+        return ""
+    return (
+        f" ({stack['cold_start_disk_read_mib']:.0f} MiB read from disk, "
+        f"{stack['cold_start_stolen_cores']:.2f} cores stolen by the hypervisor meanwhile)"
+    )
+
+
 def table(result: dict[str, Any]) -> str:
     inproc, stack = result["in_process"], result["serving"]
     lines = [
         f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
         f"flags {' '.join(result['machine']['cpu_flags'])}; load average {result['load_average']}; "
-        f"other processes used {result['other_processes_cores']} cores during the run",
+        f"other processes used {result['other_processes_cores']} cores during the run"
+        + (f", the hypervisor {result['stolen_cores']}" if "stolen_cores" in result else ""),
         f"matmul peak {inproc['matmul_peak_gflops']:.1f} GFLOP/s; model at batch {inproc['best_batch_size']}: "
         f"{inproc['model_gflops_at_best']:.1f} GFLOP/s",
         "",
@@ -699,7 +724,7 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"{f'{name}, {unit}':<40}{mean_throughput(result, name, key):>10.2f}  {each}")
     lines += [
         "",
-        f"cold start to ready {stack['cold_start_s']:.1f} s; first request "
+        f"cold start to ready {stack['cold_start_s']:.1f} s{cold_start_conditions(stack)}; first request "
         + ", ".join(f"{k} {v:.0f} ms" for k, v in stack["first_request_ms"].items())
         + f"; serving stack PSS {stack['pss_gib']:.2f} GiB (USS {stack['uss_gib']:.2f} GiB; "
         + f"{stack['pss_at_end_gib']:.2f} GiB PSS as the load ended)",
@@ -779,7 +804,7 @@ def main_run(args: argparse.Namespace) -> int:
     env = stack_environment(work, write_config_on_free_ports(work / "configuration.yaml", config_overrides(args.set)))
     started = time.monotonic()
     load_before = os.getloadavg()
-    busy_before = busy_cpu_s()
+    busy_before, counters_before = busy_cpu_s(), machine_counters()
     if load_before[0] > 0.5:
         log(f"warning: load average {load_before[0]:.2f} before the run; other work will skew the numbers")
     try:
@@ -805,6 +830,7 @@ def main_run(args: argparse.Namespace) -> int:
         # CPU that processes outside this benchmark used during the run, in cores:
         # anything well above 0 means the figures are skewed.
         "other_processes_cores": round(max(0.0, other_cpu_s) / elapsed, 2),
+        "stolen_cores": round((machine_counters()["stolen_cpu_s"] - counters_before["stolen_cpu_s"]) / elapsed, 2),
         "options": {"quick": args.quick, "duration_s": duration, "config_overrides": args.set},
         "in_process": inproc,
         "serving": stack,
