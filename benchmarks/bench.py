@@ -497,7 +497,8 @@ def machine_counters() -> dict[str, float]:
     On a shared VM both vary from hour to hour and slow a start whose files the
     page cache no longer holds; the cold start is reported with their share of it.
     """
-    pages_in_kib = next(int(line.split()[1]) for line in Path("/proc/vmstat").open() if line.startswith("pgpgin "))
+    vmstat = Path("/proc/vmstat").read_text().splitlines()
+    pages_in_kib = next(int(line.split()[1]) for line in vmstat if line.startswith("pgpgin "))
     return {"stolen_cpu_s": getattr(psutil.cpu_times(), "steal", 0.0), "disk_read_mib": pages_in_kib / 1024}
 
 

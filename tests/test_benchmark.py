@@ -38,6 +38,17 @@ def test_table_and_plot(tmp_path: Path) -> None:
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_cold_start_is_shown_with_its_disk_reads_and_steal() -> None:
+    before = bench.machine_counters()
+    stack = {**PUBLISHED["serving"], "cold_start_disk_read_mib": 348.0, "cold_start_stolen_cores": 0.08}
+    text = bench.table({**PUBLISHED, "serving": stack, "stolen_cores": 0.01})
+    assert "(348 MiB read from disk, 0.08 cores stolen by the hypervisor meanwhile)" in text
+    assert "the hypervisor 0.01" in text
+    after = bench.machine_counters()
+    assert 0 <= before["stolen_cpu_s"] <= after["stolen_cpu_s"]
+    assert 0 < before["disk_read_mib"] <= after["disk_read_mib"]
+
+
 def test_tensorflow_fp32_rows_stay_fp32_after_the_bf16_row(saved_model: str) -> None:
     """oneDNN's bf16 rewrite is process-wide: each TensorFlow row sets it for its own calls."""
     import bentoml
