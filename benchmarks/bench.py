@@ -485,21 +485,26 @@ def child(args: list[str], env: dict[str, str], output: Path) -> dict[str, Any]:
     return json.loads(output.read_text())
 
 
-def busy_cpu_s() -> float:
-    """CPU seconds this machine's processes ran since boot (time stolen by the hypervisor not counted)."""
-    times = psutil.cpu_times()._asdict()
-    return sum(times.values()) - sum(times.get(k, 0.0) for k in ("idle", "iowait", "steal", "guest", "guest_nice"))
-
-
 def machine_counters() -> dict[str, float]:
-    """CPU time the hypervisor gave to other guests, and bytes read from disk, since boot.
+    """Since boot: CPU seconds this machine's processes ran, CPU seconds the hypervisor
+    gave to other guests (steal), and MiB read from disk.
 
-    On a shared VM both vary from hour to hour and slow a start whose files the
-    page cache no longer holds; the cold start is reported with their share of it.
+    On a shared VM steal and disk speed vary from hour to hour and slow a start whose
+    files the page cache no longer holds; the cold start is reported with their share of it.
     """
+    times = psutil.cpu_times()._asdict()
+    not_ours = sum(times.get(k, 0.0) for k in ("idle", "iowait", "steal", "guest", "guest_nice"))
     vmstat = Path("/proc/vmstat").read_text().splitlines()
     pages_in_kib = next(int(line.split()[1]) for line in vmstat if line.startswith("pgpgin "))
-    return {"stolen_cpu_s": getattr(psutil.cpu_times(), "steal", 0.0), "disk_read_mib": pages_in_kib / 1024}
+    return {
+        "busy_cpu_s": sum(times.values()) - not_ours,
+        "stolen_cpu_s": times.get("steal", 0.0),
+        "disk_read_mib": pages_in_kib / 1024,
+    }
+
+
+def counters_between(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {key: after[key] - before[key] for key in before}
 
 
 def machine() -> dict[str, Any]:
@@ -562,9 +567,9 @@ def run_stack(
         load = child(load_args, env, work / "load.json")
         if launcher.poll() is not None:
             raise RuntimeError(f"the launcher exited with {launcher.returncode}; see {work / 'serve.log'}")
-        at_ready = load.pop("counters_at_ready")
-        load["cold_start_disk_read_mib"] = at_ready["disk_read_mib"] - at_launch["disk_read_mib"]
-        load["cold_start_stolen_cores"] = (at_ready["stolen_cpu_s"] - at_launch["stolen_cpu_s"]) / load["cold_start_s"]
+        starting = counters_between(at_launch, load.pop("counters_at_ready"))
+        load["cold_start_disk_read_mib"] = starting["disk_read_mib"]
+        load["cold_start_stolen_cores"] = starting["stolen_cpu_s"] / load["cold_start_s"]
         ran = re.search(r"runs on (.+?); loaded", (work / "serve.log").read_text(errors="replace"))
         load["engine"] = ran.group(1) if ran else "unknown"
         at_end = memory_of_tree(launcher.pid)
@@ -805,7 +810,7 @@ def main_run(args: argparse.Namespace) -> int:
     env = stack_environment(work, write_config_on_free_ports(work / "configuration.yaml", config_overrides(args.set)))
     started = time.monotonic()
     load_before = os.getloadavg()
-    busy_before, counters_before = busy_cpu_s(), machine_counters()
+    counters_before = machine_counters()
     if load_before[0] > 0.5:
         log(f"warning: load average {load_before[0]:.2f} before the run; other work will skew the numbers")
     try:
@@ -822,7 +827,8 @@ def main_run(args: argparse.Namespace) -> int:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     own = os.times()
-    other_cpu_s = busy_cpu_s() - busy_before - (own.user + own.system + own.children_user + own.children_system)
+    during = counters_between(counters_before, machine_counters())
+    other_cpu_s = during["busy_cpu_s"] - (own.user + own.system + own.children_user + own.children_system)
     elapsed = time.monotonic() - started
     result = {
         "time": time.strftime("%Y-%m-%d %H:%M:%S %z"),
@@ -831,7 +837,7 @@ def main_run(args: argparse.Namespace) -> int:
         # CPU that processes outside this benchmark used during the run, in cores:
         # anything well above 0 means the figures are skewed.
         "other_processes_cores": round(max(0.0, other_cpu_s) / elapsed, 2),
-        "stolen_cores": round((machine_counters()["stolen_cpu_s"] - counters_before["stolen_cpu_s"]) / elapsed, 2),
+        "stolen_cores": round(during["stolen_cpu_s"] / elapsed, 2),
         "options": {"quick": args.quick, "duration_s": duration, "config_overrides": args.set},
         "in_process": inproc,
         "serving": stack,
