@@ -16,7 +16,10 @@ clients do), and the CPU time each process of that stack used during the block, 
 ``/proc``, divided by the requests. It prints, per variant and block kind, the median
 p50 and p99 latency, the mean images/s and ratio to the first variant per round, and
 the CPU milliseconds per request of the runner worker, each API server, the gRPC
-metrics server, the launcher (with its watchdog) and this client.
+metrics server, the launcher (with its watchdog) and this client; and the largest memory
+of the stack's processes as a block ended: USS, which no other process changes, and PSS,
+which the stacks up together lower by sharing library pages (``benchmarks.bench``
+measures a stack's PSS alone).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from benchmarks.bench import (
     http_caller,
     launched_stack,
     log,
+    memory_of_tree,
     stack_environment,
     write_crops,
 )
@@ -149,7 +153,13 @@ def measured_block(stack: Stack, protocol: str, load: str, requests: int) -> dic
     after, client_after = cpu_by_process(stack.launcher.pid), time.process_time()
     count = result["requests"]
     cpu = {name: 1000 * (seconds - before.get(name, 0.0)) / count for name, seconds in after.items()}
-    return {**result, "cpu_ms_per_request": {**cpu, "client": 1000 * (client_after - client_before) / count}}
+    memory = memory_of_tree(stack.launcher.pid).values()
+    return {
+        **result,
+        "cpu_ms_per_request": {**cpu, "client": 1000 * (client_after - client_before) / count},
+        "uss_mib": sum(m["uss"] for m in memory) / 2**20,
+        "pss_mib": sum(m["pss"] for m in memory) / 2**20,
+    }
 
 
 @dataclass
@@ -200,7 +210,8 @@ def report(variants: list[str], figures: list[dict[str, list[dict[str, Any]]]], 
                 f"  {variant or '(as configured)'}: p50 {statistics.median(r['p50_ms'] for r in rows):.1f} ms, "
                 f"p99 {statistics.median(r['p99_ms'] for r in rows):.1f} ms, "
                 f"{statistics.fmean(r['images_per_s'] for r in rows):.1f} images/s ({ratios}); "
-                f"CPU ms per request: {cpu}"
+                f"CPU ms per request: {cpu}; as the blocks ended, at most USS {max(r['uss_mib'] for r in rows):.0f} "
+                f"MiB, PSS {max(r['pss_mib'] for r in rows):.0f} MiB"
             )
 
 
