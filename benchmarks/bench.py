@@ -68,6 +68,7 @@ BATCH_SIZES = (1, 2, 4, 8, 16)
 CONCURRENCY = (1, 4, 8, 16)
 PROTOCOLS = ("http", "grpc")
 WARMUP_REQUESTS = 15
+BACK_TO_BACK_S = 2.0  # of each contender's sequential calls in a row, after the interleaved ones
 ENGINE_BATCH_SIZES = (1, 8, 16)
 PAIRED_CONTENDERS = ("keras", "pipeline", *PROTOCOLS)
 BATCH_CONTENDERS = ("pipeline_b16", "http_batch16")  # 16 images a call: in process, and one predict_batch request
@@ -388,7 +389,11 @@ def run_paired(rounds: int, duration_s: float, sequential_requests: int) -> dict
 
     Sequential (batch size or concurrency 1): after ``WARMUP_REQUESTS`` of each, one
     call of each after the other, ``sequential_requests`` times, the order rotating,
-    so that every comparison is between calls made within a second of each other.
+    so that every comparison is between calls made within a second of each other; then
+    ``BACK_TO_BACK_S`` of each one's calls in a row, for comparison only: between two
+    interleaved calls of one contender the others run for about 100 ms, and on the 2-core
+    VMs measured the served path took more CPU time after such a pause than the pipeline
+    did (``docs/performance.md``), while a client that calls again at once finds it warm.
     Throughput (batch size or concurrency 8): ``rounds`` rounds, each measuring each
     of them for ``duration_s`` (a closed loop needs a steady state), in an order
     reversed every other round; ratios are taken within a round. This machine's
@@ -433,6 +438,10 @@ def run_paired(rounds: int, duration_s: float, sequential_requests: int) -> dict
             latencies[name].append(time.perf_counter() - start)
     sequential = {name: {**batch_figures(1, values), "requests": len(values)} for name, values in latencies.items()}
     log("sequential, interleaved: " + ", ".join(f"{n} p50 {f['p50_ms']:.1f} ms" for n, f in sequential.items()))
+    doors_first = reversed(single.items())  # while their kept connections are fresh (uvicorn closes one idle 5 s)
+    measured = [(name, batch_figures(1, timed_calls(call, BACK_TO_BACK_S, 1))) for name, call in doors_first]
+    back_to_back = dict(reversed(measured))
+    log("sequential, back to back: " + ", ".join(f"{n} p50 {f['p50_ms']:.1f} ms" for n, f in back_to_back.items()))
 
     batched = {**in_process(8), "pipeline_b16": pipeline(BATCH_REQUEST_IMAGES)}
     for call in batched.values():  # traced and warm before the first round
@@ -454,7 +463,13 @@ def run_paired(rounds: int, duration_s: float, sequential_requests: int) -> dict
             f"throughput at 8, round {round_number + 1}/{rounds}: "
             + ", ".join(f"{name} {rows[-1]['images_per_s']:.2f} images/s" for name, rows in throughput.items())
         )
-    return {"rounds": rounds, "duration_s": duration_s, "sequential": sequential, "throughput": throughput}
+    return {
+        "rounds": rounds,
+        "duration_s": duration_s,
+        "sequential": sequential,
+        "sequential_back_to_back": back_to_back,
+        "throughput": throughput,
+    }
 
 
 # --- orchestration --------------------------------------------------------------------
@@ -715,10 +730,13 @@ def table(result: dict[str, Any]) -> str:
     for p in stack["points"]:
         lines.append(row_line(f"{p['protocol']}, concurrency {p['concurrency']}", p) + f"{p['errors']:>8}")
     sequential = paired(result)["sequential"]
-    requests = sequential["keras"]["requests"]
-    lines += ["", f"{f'interleaved, {requests} calls each':<28}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}"]
-    for name, row in sequential.items():
-        lines.append(row_line(f"{name}, {'concurrency' if name in PROTOCOLS else 'batch'} 1", row))
+    blocks = {f"interleaved, {sequential['keras']['requests']} calls each": sequential}
+    if back_to_back := paired(result).get("sequential_back_to_back"):  # not in runs before 2026-12-04
+        blocks[f"back to back, {BACK_TO_BACK_S:.0f} s each"] = back_to_back
+    for title, rows in blocks.items():
+        lines += ["", f"{title:<28}{'images/s':>10}{'p50 ms':>9}{'p99 ms':>9}"]
+        for name, row in rows.items():
+            lines.append(row_line(f"{name}, {'concurrency' if name in PROTOCOLS else 'batch'} 1", row))
     for key, label in STACKS.items():
         if key not in result:
             continue

@@ -65,3 +65,10 @@ def test_tensorflow_fp32_rows_stay_fp32_after_the_bf16_row(saved_model: str) -> 
     assert not tf.config.optimizer.get_experimental_options().get(bench.ONEDNN_BF16_OPTION, False)
     if any(flag in engines.cpu_flags() for flag in engines.BF16_FLAGS):
         assert not np.array_equal(bf16, fp32)
+
+
+def test_back_to_back_calls_are_shown_after_the_interleaved_ones() -> None:
+    paired = bench.paired(PUBLISHED)
+    stack = {**PUBLISHED["serving"], "paired": {**paired, "sequential_back_to_back": paired["sequential"]}}
+    text = bench.table({**PUBLISHED, "serving": stack})
+    assert text.index("interleaved, ") < text.index(f"back to back, {bench.BACK_TO_BACK_S:.0f} s each")
