@@ -57,6 +57,32 @@ def test_openvino_batch_in_parts_answers_as_whole(bento_model, batch, tensorflow
     np.testing.assert_allclose(answer, tensorflow_fp32, rtol=1e-4, atol=1e-7)
 
 
+def resident_mib(path: Path) -> float:
+    """This process's resident pages of ``path``'s mappings, from ``/proc/self/smaps``."""
+    kib, mapped = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header: address range, perms, offset, device, inode
+            mapped = len(fields) == 6 and fields[5] == str(path.resolve())
+        elif mapped and fields[0] == "Rss:":
+            kib += int(fields[1])
+    return kib / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux only")
+def test_openvino_keeps_little_of_its_ir_file_resident(bento_model, batch, tensorflow_fp32) -> None:
+    """Once its first inference has laid the weights out, the engine hands the IR file's pages back
+    (``memory.drop_mapped_pages``); what it reads again comes back in, and the answers stay exact."""
+    from inception_v3.engines.openvino import ir_path
+
+    engine = load(bento_model, "openvino", "fp32")
+    weights = ir_path(bento_model, "fp32").with_suffix(".bin")
+    file_mib = weights.stat().st_size / 2**20
+    assert resident_mib(weights) < 0.05 * file_mib
+    np.testing.assert_allclose(engine(batch), tensorflow_fp32, rtol=1e-4, atol=1e-7)  # a batch size not run before
+    assert resident_mib(weights) < 0.25 * file_mib
+
+
 def test_openvino_batch_limit_auto_is_two_images_per_inference_thread(bento_model) -> None:
     engine = load(bento_model, "openvino", "fp32", batch_limit="auto")
     threads = int(engine.compiled.get_property("INFERENCE_NUM_THREADS"))

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
+from ..memory import drop_mapped_pages
 from ..preprocessing import INPUT_SIZE
 from . import EngineChoiceError, installed
 
@@ -71,8 +72,12 @@ def save_ir(model: ov.Model, model_dir: Path, precision: str) -> None:
     ov.save_model(model, str(path), compress_to_fp16=False)
 
 
+def ir_path(bento_model: bentoml.Model, precision: str) -> Path:
+    return Path(bento_model.path) / IR_DIR / IR_FILES["int8" if precision == "int8" else "fp32"]
+
+
 def read_model(bento_model: bentoml.Model, precision: str) -> ov.Model:
-    path = Path(bento_model.path) / IR_DIR / IR_FILES["int8" if precision == "int8" else "fp32"]
+    path = ir_path(bento_model, precision)
     if path.is_file():
         return ov.Core().read_model(str(path))
     if "tensorflow" not in installed():
@@ -131,4 +136,7 @@ def load(bento_model: bentoml.Model, precision: str, batch_limit: int | str = 0,
     threads = int(compiled.get_property("INFERENCE_NUM_THREADS"))
     part = part_size(batch_limit, threads)
     logger.info("OpenVINO computes on %d threads; batches run in parts of %s", threads, part or "any size")
-    return OpenVinoEngine(compiled, precision, part)
+    engine = OpenVinoEngine(compiled, precision, part)
+    engine(np.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), np.uint8))  # lays the weights out: the IR file is read no more
+    drop_mapped_pages(ir_path(bento_model, precision).with_suffix(".bin"))
+    return engine
