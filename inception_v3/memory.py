@@ -20,8 +20,8 @@ OpenVINO maps its IR's weights file and its compiled model keeps the mapping, bu
 first inference has laid the weights out in its own buffers it reads a few MiB of the file
 at most (bf16 on an AMX Xeon, after batches of 1-8: 13 of the fp32 IR's 91 MiB).
 ``drop_mapped_pages`` unmaps the resident pages of such a file from this process: they
-stay in the page cache, and a page read again maps back in. Elsewhere than Linux it does
-nothing.
+stay in the page cache, and a page read again maps back in. Without Linux's ``/proc`` or
+glibc it does nothing.
 """
 
 from __future__ import annotations
@@ -71,18 +71,16 @@ def read_only_mappings(path: Path) -> list[tuple[int, int]]:
     return mappings
 
 
-def drop_mapped_pages(path: Path) -> int:
-    """Unmap the resident pages of this process's read-only mappings of ``path``; the bytes mapped.
+def drop_mapped_pages(path: Path) -> None:
+    """Unmap the resident pages of this process's read-only mappings of ``path``.
 
     Read-only: no page of such a mapping differs from the file, so none is lost.
     """
-    libc = glibc()
-    mappings = read_only_mappings(path) if libc else []
-    if libc and mappings:
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        for start, length in mappings:
-            libc.madvise(start, length, MADV_DONTNEED)
-    return sum(length for _, length in mappings)
+    if not (libc := glibc()):
+        return
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for start, length in read_only_mappings(path):
+        libc.madvise(start, length, MADV_DONTNEED)
 
 
 class TrimWhenIdle:

@@ -137,6 +137,6 @@ def load(bento_model: bentoml.Model, precision: str, batch_limit: int | str = 0,
     part = part_size(batch_limit, threads)
     logger.info("OpenVINO computes on %d threads; batches run in parts of %s", threads, part or "any size")
     engine = OpenVinoEngine(compiled, precision, part)
-    engine(np.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), np.uint8))  # lays the weights out: the IR file is read no more
+    engine(np.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), np.uint8))  # lays the weights out; little of the IR is read after
     drop_mapped_pages(ir_path(bento_model, precision).with_suffix(".bin"))
     return engine
