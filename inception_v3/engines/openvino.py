@@ -126,6 +126,10 @@ class OpenVinoEngine:
         count = max(len(pixels), 1)  # an empty batch still runs once, for its (0, 1000) answer
         step = self.batch_limit or count
         with self.lock:
+            # Every call shares its input, the warm-up's too. After a shared call the compiled
+            # model still points at the caller's array, freed once it returns; a copying call
+            # (share_inputs=False) after it, on any of its requests, wrote into that freed
+            # memory (OpenVINO 2026.4: glibc aborted with a corrupted heap within seconds).
             parts = [self.request.infer([pixels[i : i + step]], share_inputs=True)[0] for i in range(0, count, step)]
             if self.weights_file:
                 drop_mapped_pages(self.weights_file)
