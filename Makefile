@@ -85,6 +85,7 @@ clean: stop
 # --- deployable image (bentoml build / containerize) -------------------------
 # build_all: model (if the store has none) -> `bentoml build` -> `bentoml containerize` (printed) -> inception_v3:latest.
 # run: the image's default command, HTTP :8501 and gRPC :8500 from one runner; `make stop` stops it.
+# It stops a `make serve` for the ports, once it knows an engine holds the image.
 # MODEL_STORE=DIR (run): serve the versions of that model store folder (e.g. ~/bentoml/models), watched.
 # The engine is docker, or buildah where no Docker engine answers (CONTAINER_BACKEND=docker|buildah);
 # buildah starts from a Debian base built offline once (container/build-base.sh). docs/deployment.md
@@ -96,7 +97,9 @@ bento: model
 build_all: bento
 	$(PY) -m container.image build $(if $(filter random,$(WEIGHTS)),--allow-random-weights)
 
-run: stop
+run: setup
+	@$(PY) -m container.image check
+	@$(MAKE) --no-print-directory stop
 	$(PY) -m container.image run $(if $(MODEL_STORE),--model-store $(MODEL_STORE))
 	@$(PY) -m inception_v3.launcher --wait-ready --timeout 300 $(READY_ARGS) || { $(MAKE) --no-print-directory stop; exit 1; }
 	@echo "HTTP  http://localhost:8501   gRPC  localhost:8500   (container; stop with: make stop)"

@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--serving-version",
         type=int,
-        help="integer version TensorFlow Serving clients see (default: 0 for the first model, then one more each time)",
+        help="integer version TensorFlow Serving clients see (default: 1 for the first model, then one more each time)",
     )
     parser.add_argument(
         "--int8-calibration",

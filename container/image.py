@@ -165,6 +165,15 @@ def image_size(tag: str, backend: str) -> str:
     return engine("buildah", "images", "--format", "{{.Size}}", tag, capture=True)
 
 
+def check_image(tag: str) -> None:
+    """What ``make run`` asks before it stops a running server: an engine answers and holds ``tag``."""
+    backend = detect_backend()
+    try:
+        image_config(tag, backend)
+    except subprocess.CalledProcessError:
+        raise SystemExit(f"error: {backend} has no image {tag}: build it with make build_all") from None
+
+
 def run(tag: str, name: str, config: Path | None, state_file: Path, model_store: Path | None = None) -> Container:
     """``model_store``: a BentoML model store folder (``$BENTOML_HOME/models``) the runner serves
     versions from, and watches for new ones, instead of the model inside the Bento."""
@@ -299,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument(
         "--model-store", type=Path, help="serve the model versions of this model store folder (mounted read-only)"
     )
+    check_parser = commands.add_parser("check", help="exit with an error unless a container engine holds the image")
+    check_parser.add_argument("--tag", default=DEFAULT_TAG)
     commands.add_parser("stop", help="stop the container that run started")
     commands.add_parser("reload", help="its runner looks at the model store for new versions now")
     remove_parser = commands.add_parser("remove", help="remove images")
@@ -312,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "run":
         container = run(args.tag, args.name, args.config, args.state_file, args.model_store)
         print(f"started {container.name} ({container.backend}); log: {container.log}")
+    elif args.command == "check":
+        check_image(args.tag)
     elif args.command == "reload":
         reload(args.state_file)
     elif args.command == "stop":
