@@ -120,8 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         keras_model = build_keras_model(weights)
     except Exception as error:  # Keras raises plain Exception for a failed download
-        if weights != "imagenet":
+        if weights is None:
             raise
+        if weights != "imagenet":  # h5py's OSError for a file that is not HDF5, Keras' ValueError for other weights
+            reason = str(error).strip().partition("\n")[0] or type(error).__name__
+            print(f"error: {weights} is not Keras Inception v3 weights: {reason}", file=sys.stderr)
+            return 2
         if not args.imagenet_or_random:
             print(
                 f"error: {download_failed(error)}. Offline: {REAL_WEIGHTS_COMMAND} (copied from a machine with "

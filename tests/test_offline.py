@@ -137,6 +137,18 @@ def test_weights_imagenet_fails_in_one_line_without_tensorflow_noise() -> None:
     assert not (Path(env["BENTOML_HOME"]) / "models" / "inception_v3").exists()
 
 
+def test_a_weights_file_keras_cannot_load_fails_in_one_line(tmp_path: Path) -> None:
+    not_hdf5 = tmp_path / "inception_v3.h5"
+    not_hdf5.write_bytes(b"<html>a download that went wrong</html>")
+    env = offline_env("bad-weights-file", DEAD_PROXY)
+    failed = make("model", env, f"WEIGHTS={not_hdf5}", timeout_s=300)
+    assert failed.returncode != 0
+    lines = [line for line in failed.stderr.splitlines() if not re.match(r"make(\[\d+\])?: \*\*\*", line)]
+    reason = "Unable to synchronously open file (file signature not found)"  # h5py's
+    assert lines == [f"error: {not_hdf5} is not Keras Inception v3 weights: {reason}"]
+    assert not (Path(env["BENTOML_HOME"]) / "models" / "inception_v3").exists()
+
+
 @pytest.mark.timeout(600)
 def test_the_notices_command_replaces_a_random_model_with_the_file(tmp_path: Path) -> None:
     """What the notice tells a user to type saves the file's weights over the random model, once."""
