@@ -310,8 +310,8 @@ def error_body(raw: bytes, status: int) -> bytes:
     except ValueError:
         parsed = text
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
-        message = parsed["error"]
-    elif isinstance(parsed, dict) and "detail" in parsed:
+        return raw  # ours already, with what a protocol adds (Open Inference's "ready": false)
+    if isinstance(parsed, dict) and "detail" in parsed:
         message = str(parsed["detail"])
     elif isinstance(parsed, str) and parsed.strip():
         message = parsed.removeprefix("BentoService error handling API request: ").strip()

@@ -255,7 +255,16 @@ def test_rest_server_metadata_and_health(http_address):
     assert server.json()["extensions"] == ["binary_tensor_data", "classification"]
     assert requests.get(f"{base}/health/live", timeout=10).json() == {"live": True}
     assert requests.get(f"{base}/health/ready", timeout=10).json() == {"ready": True}
-    assert requests.get(f"{base}/models/{MODEL}/ready", timeout=10).status_code == 200
+    assert requests.get(f"{base}/models/{MODEL}/ready", timeout=10).json() == {"name": MODEL, "ready": True}
+
+
+def test_rest_model_not_ready_says_why(http_address, serving_version):
+    """4xx means not ready, as the protocol has it; the body says why, as every error here does."""
+    missing = int(serving_version) + 100
+    answer = requests.get(f"http://{http_address}/v2/models/{MODEL}/versions/{missing}/ready", timeout=10)
+    assert answer.status_code == 400
+    reason = f"Request for unknown model: '{MODEL}' version {missing} is not found"  # Triton's words
+    assert answer.json() == {"name": MODEL, "ready": False, "error": reason}
 
 
 def tensor(**fields) -> dict:

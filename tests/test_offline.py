@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import typing as t
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,6 +28,7 @@ from types import SimpleNamespace
 import bentoml
 import grpc
 import httpx
+import numpy as np
 import psutil
 import pytest
 import tensorflow as tf
@@ -273,3 +275,21 @@ def test_tf_serving_grpc_names_the_weights_and_warns(grpc_address: str, cat_jpeg
     weights = wrappers_pb2.StringValue()
     assert metadata.metadata["weights"].Unpack(weights) and weights.value == "random"
     assert dict(call.trailing_metadata())["x-model-warning"] == RANDOM_WARNING
+
+
+@pytest.mark.servers
+def test_open_inference_answers_carry_the_warning(http_address: str, grpc_address: str, cat_jpeg: bytes) -> None:
+    import tritonclient.grpc
+    import tritonclient.http
+
+    def image(module: t.Any) -> t.Any:
+        tensor = module.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([cat_jpeg], dtype=object))
+        return tensor
+
+    with tritonclient.http.InferenceServerClient(http_address) as triton:
+        rest = triton.infer("inception_v3", [image(tritonclient.http)]).get_response()
+    with tritonclient.grpc.InferenceServerClient(grpc_address) as triton:
+        grpc_answer = triton.infer("inception_v3", [image(tritonclient.grpc)]).get_response()
+    assert rest["parameters"]["warning"] == RANDOM_WARNING
+    assert grpc_answer.parameters["warning"].string_param == RANDOM_WARNING

@@ -12,7 +12,8 @@ each element is the file itself, after Triton's 4-byte little-endian length;
 in JSON ``data`` (and gRPC ``bytes_contents``) an element may also be base64
 text (standard or URL-safe), and in JSON TF Serving's ``{"b64": "..."}``. It
 answers ``label`` (BYTES ``[n]``, the top-1 class) and ``probabilities`` (FP32
-``[n, 1000]``). Triton's classification extension (``"classification": K`` on
+``[n, 1000]``); a model with random weights adds a ``warning`` response parameter.
+Triton's classification extension (``"classification": K`` on
 an output) turns ``probabilities`` into BYTES ``[n, K]`` of ``"score:index:label"``,
 the score printed as C++'s ``std::to_string`` prints a float, as Triton does.
 
@@ -44,6 +45,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from .. import openapi, versions
 from ..api import image_from_tensor_element, json_value_to_image
+from ..availability import RunnerUnavailable
 from ..errors import InvalidImage, ModelNotFound, UnsupportedMediaType
 from ..labels import NUM_CLASSES, top_k_indices
 from . import Door, VersionedModel
@@ -59,6 +61,7 @@ LABEL = "label"
 PROBABILITIES = "probabilities"
 OUTPUT_SHAPES = {LABEL: ("BYTES", [-1]), PROBABILITIES: ("FP32", [-1, NUM_CLASSES])}
 EXTENSIONS = ["binary_tensor_data", "classification"]
+WARNING = "warning"  # a response parameter, set when the labels are not to be trusted (random weights)
 HEADER_LENGTH = "Inference-Header-Content-Length"
 LENGTH_PREFIX = struct.Struct("<I")
 
@@ -147,14 +150,15 @@ class ServedModel(VersionedModel):
     def not_found(self, version: int | str | None) -> ModelNotFound:
         return ModelNotFound(f"Request for unknown model: '{self.name}' version {version} is not found")
 
-    async def version_ready(self, version: int | None) -> bool:
+    async def unready(self, version: int | None) -> str | None:
+        """Why ``version`` (None: the newest) cannot answer now; None when it can."""
         if not await self.ready():
-            return False
+            return RunnerUnavailable().message
         try:
             await self.available(version)
-        except ModelNotFound:
-            return False
-        return True
+        except ModelNotFound as error:
+            return error.message
+        return None
 
     async def metadata(self, version: int | None) -> dict[str, t.Any]:
         async with self.versioned(version):
@@ -180,15 +184,16 @@ class ServedModel(VersionedModel):
 
     async def infer(
         self, images: list[bytes], requested: list[RequestedOutput], version: int | None
-    ) -> tuple[list[Output], str]:
-        """The outputs, and the version that answered."""
+    ) -> tuple[list[Output], str, dict[str, str]]:
+        """The outputs, the version that answered, and the response's parameters (a random model's warning)."""
         self.check_outputs(requested)
         try:
             classified = await self.classifier.classify_files(images, version)
         except UnsupportedMediaType as error:  # a tensor element, not the HTTP body, is of the wrong type
             raise InvalidImage(error.message) from None
         wanted = requested or map(RequestedOutput, OUTPUT_SHAPES)
-        return [self.output(request, classified.probabilities) for request in wanted], str(classified.version)
+        outputs = [self.output(request, classified.probabilities) for request in wanted]
+        return outputs, str(classified.version), {WARNING: classified.warning} if classified.warning else {}
 
     def output(self, request: RequestedOutput, probabilities: np.ndarray) -> Output:
         n = len(probabilities)
@@ -275,11 +280,18 @@ def rest_outputs(body: dict[str, t.Any]) -> list[RequestedOutput]:
 
 
 def rest_response(
-    model: ServedModel, version: str, body: dict[str, t.Any], outputs: list[Output], binary: set[str]
+    model: ServedModel,
+    version: str,
+    parameters: dict[str, str],
+    body: dict[str, t.Any],
+    outputs: list[Output],
+    binary: set[str],
 ) -> Response:
     header: dict[str, t.Any] = {"model_name": model.name, "model_version": version}
     if isinstance(body.get("id"), str):
         header["id"] = body["id"]
+    if parameters:
+        header["parameters"] = parameters
     header["outputs"] = []
     chunks = []
     for output in outputs:
@@ -333,9 +345,10 @@ def rest_app(model: ServedModel, server_metadata: dict[str, t.Any]) -> Starlette
     async def health(request: Request) -> Response:
         if request.url.path.endswith("/live"):
             return JSONResponse({"live": True})
-        ready = await model.ready()
         # The protocol: 200 means ready, 4xx not ready.
-        return JSONResponse({"ready": ready}, status_code=200 if ready else 400)
+        if await model.ready():
+            return JSONResponse({"ready": True})
+        return JSONResponse({"ready": False, "error": RunnerUnavailable().message}, status_code=400)
 
     async def server(_: Request) -> Response:
         return JSONResponse(server_metadata)
@@ -344,16 +357,17 @@ def rest_app(model: ServedModel, server_metadata: dict[str, t.Any]) -> Starlette
         return JSONResponse(await model.metadata(checked(request)))
 
     async def model_ready(request: Request) -> Response:
-        ready = await model.version_ready(checked(request))
-        return JSONResponse({"name": model.name, "ready": ready}, status_code=200 if ready else 400)
+        if (reason := await model.unready(checked(request))) is None:
+            return JSONResponse({"name": model.name, "ready": True})
+        return JSONResponse({"name": model.name, "ready": False, "error": reason}, status_code=400)
 
     async def infer(request: Request) -> Response:
         version = checked(request)
         async with model.versioned(version):
             body, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
             requested = rest_outputs(body)
-            outputs, answered = await model.infer(rest_images(body, binary), requested, version)
-        return rest_response(model, answered, body, outputs, {o.name for o in requested if o.binary})
+            outputs, answered, parameters = await model.infer(rest_images(body, binary), requested, version)
+        return rest_response(model, answered, parameters, body, outputs, {o.name for o in requested if o.binary})
 
     model_paths = ("/models/{name}", "/models/{name}/versions/{version}")
     routes = [
@@ -431,7 +445,7 @@ def grpc_servicer(model: ServedModel, server_metadata: dict[str, t.Any]) -> type
             return pb.ServerReadyResponse(ready=await model.ready())
 
         async def ModelReady(self, request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:  # noqa: N802
-            return pb.ModelReadyResponse(ready=await model.version_ready(model.check(request.name, request.version)))
+            return pb.ModelReadyResponse(ready=await model.unready(model.check(request.name, request.version)) is None)
 
         async def ServerMetadata(self, request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:  # noqa: N802
             return pb.ServerMetadataResponse(**server_metadata)
@@ -443,11 +457,12 @@ def grpc_servicer(model: ServedModel, server_metadata: dict[str, t.Any]) -> type
             # Errors raised here reach the client through guards.GrpcGuard, with their status code.
             version = model.check(request.model_name, request.model_version)
             async with model.versioned(version):
-                outputs, answered = await model.infer(grpc_images(request), grpc_outputs(request), version)
+                outputs, answered, parameters = await model.infer(grpc_images(request), grpc_outputs(request), version)
             return pb.ModelInferResponse(
                 model_name=model.name,
                 model_version=answered,
                 id=request.id,
+                parameters={key: pb.InferParameter(string_param=value) for key, value in parameters.items()},
                 outputs=[{"name": o.name, "datatype": o.datatype, "shape": o.shape} for o in outputs],
                 raw_output_contents=[o.raw() for o in outputs],
             )
