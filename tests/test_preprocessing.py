@@ -124,6 +124,11 @@ def test_a_50_megapixel_jpeg_is_decoded_with_dct_scaling() -> None:
         prepare_image(encode(picture(8160, 6120), "PNG"))
 
 
+def test_an_image_over_pils_own_limit_is_refused_in_the_configured_limits_words() -> None:
+    with pytest.raises(PayloadTooLarge, match="30000x30000 = 900000000 pixels; the limit for PNG, which decodes"):
+        prepare_image(png_bomb(30000))
+
+
 def test_a_jpeg_dct_scaling_cannot_shrink_is_held_to_the_full_decode_limit() -> None:
     """A strip 300 pixels high decodes at full scale: its pixels count against max_image_pixels."""
     strip = encode(picture(4000, 300), "JPEG")
