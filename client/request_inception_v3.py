@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from inception_v3.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from inception_v3.labels import NUM_CLASSES
 from inception_v3.preprocessing import open_image
 from inception_v3.settings import load_settings
 from inception_v3.tls import ClientTls, grpc_channel, http_url
@@ -156,6 +157,13 @@ def error_message(body: str) -> str:
         return body.strip()[:200]
 
 
+def class_count(text: str) -> int:
+    """What the server takes as ``top_k``: 1 to the number of classes."""
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= NUM_CLASSES):
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {NUM_CLASSES}, got {text!r}")
+    return int(text)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -170,7 +178,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--target", "-t", default="localhost", help="target address")
     parser.add_argument("--port", "-p", type=int, help="server port (default: 8500 for gRPC, 8501 for REST)")
     parser.add_argument("--timeout_second", "-s", default=5, type=float, help="timeout in seconds")
-    parser.add_argument("--top_k", "-k", type=int, help="print the k best labels with their scores")
+    parser.add_argument("--top_k", "-k", type=class_count, help="print the k best labels with their scores")
     parser.add_argument("--metadata", action="store_true", help="print the model's TF Serving metadata")
     parser.add_argument("--tls", action="store_true", help="connect with TLS (the server's api_server.ssl is set)")
     parser.add_argument("--ca-cert", type=Path, help="with --tls: the CA that signed the server's certificate")

@@ -90,6 +90,14 @@ def test_client_cli_errors_are_one_line(http_address, tmp_path, capsys):
         assert err.startswith("error:") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("top_k", ["0", "1001", "-3", "abc"])
+def test_client_cli_refuses_a_top_k_the_server_would(top_k, capsys):
+    with pytest.raises(SystemExit) as exited:
+        client.main(["--top_k", top_k])
+    assert exited.value.code == 2
+    assert f"expected a whole number from 1 to 1000, got '{top_k}'" in capsys.readouterr().err
+
+
 def test_grpc_reflection_lists_every_service(grpc_address):
     import grpc
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase

@@ -146,6 +146,13 @@ def test_rest_bad_requests_are_400_with_message(rest, body):
     assert response.json()["error"]
 
 
+@pytest.mark.parametrize("version", ["abc", "-1", "1.5", "9" * 30])
+def test_rest_a_version_that_is_no_number_is_400_as_in_tf_serving(rest, version):
+    response = requests.get(f"{rest}/versions/{version}/metadata", timeout=10)
+    assert response.status_code == 400
+    assert response.json() == {"error": f"Malformed request: GET /v1/models/inception_v3/versions/{version}/metadata"}
+
+
 def test_rest_invalid_json_is_400(rest):
     response = requests.post(f"{rest}:predict", data=b"{not json", timeout=10)
     assert response.status_code == 400

@@ -184,7 +184,7 @@ def rest_app(model: ServedModel) -> Starlette:
         version = None
         if len(parts) >= 3 and parts[1] == "versions":
             if (version := versions.parse_number(parts[2])) is None:
-                raise ModelNotFound(f"Malformed version: {parts[2]}")
+                raise BadInput(f"Malformed request: {request.method} {request.url.path}")  # TF Serving's 400
             parts = [parts[0], *parts[3:]]
         model.check(parts[0])
         tail = "/".join(parts[1:])
