@@ -22,6 +22,8 @@ BENTO_TAG := inception_v3:latest
 
 export BENTOML_CONFIG ?= $(CURDIR)/configuration.yaml
 export PYTHONUNBUFFERED := 1
+# BentoML's usage reports: off, as in the image (bentofile.yaml); BENTOML_DO_NOT_TRACK=false sends them.
+export BENTOML_DO_NOT_TRACK ?= true
 
 ifeq ($(WEIGHTS),auto)
 WEIGHTS_ARGS := --imagenet-or-random
