@@ -1,7 +1,9 @@
 """The OpenAPI document (``/docs.json``) that the Swagger UI at ``/`` shows.
 
-BentoML documents its own APIs and infrastructure routes. Here the document
-gets the service's description and version instead of BentoML's boilerplate
+BentoML documents its own APIs and infrastructure routes. Its page at ``/`` loads
+Google Tag Manager (BentoML's web analytics) from Google, so the docs of a
+self-hosted service would report every visit outside; the page is served here
+without it, and asks no other host for anything. The document gets the service's description and version instead of BentoML's boilerplate
 (its badges are images from outside hosts), ``image/jpeg`` as the first
 (Swagger UI's preselected) type of an image upload, error schemas without the
 ``detail`` field that no answer has, and the routes of the other protocols the
@@ -23,6 +25,10 @@ if t.TYPE_CHECKING:
     import bentoml
 
 DOCS_PATH = "/docs.json"
+UI_PATH = "/"
+TAG_MANAGER = re.compile(
+    rb"\s*<!-- Google Tag Manager((?: \(noscript\))?) -->.*?<!-- End Google Tag Manager\1 -->", re.DOTALL
+)
 FIRST_MEDIA_TYPE = "image/jpeg"
 DESCRIPTION = """\
 ImageNet Inception v3: send an image, get its label (and the k most probable
@@ -119,19 +125,24 @@ def describe(spec: dict[str, t.Any], version: str) -> dict[str, t.Any]:
 
 
 class OpenApiDocument:
-    """ASGI middleware: ``/docs.json`` as ``describe`` completes it."""
+    """ASGI middleware: ``/docs.json`` as ``describe`` completes it; the Swagger UI page without Tag Manager."""
 
     def __init__(self, app: t.Callable[[Scope, Receive, Send], t.Awaitable[None]], version: str) -> None:
         self.app = app
         self.version = version
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == DOCS_PATH:
-            send = rewrite_responses(send, lambda start: self.rewrite if start["status"] == 200 else None)
+        rewrite = {DOCS_PATH: self.rewrite, UI_PATH: without_tag_manager}.get(scope.get("path", ""))
+        if scope["type"] == "http" and rewrite is not None:
+            send = rewrite_responses(send, lambda start: rewrite if start["status"] == 200 else None)
         await self.app(scope, receive, send)
 
     def rewrite(self, body: bytes) -> bytes:
         return json.dumps(describe(json.loads(body), self.version)).encode()
+
+
+def without_tag_manager(page: bytes) -> bytes:
+    return TAG_MANAGER.sub(b"", page)
 
 
 def install(svc: bentoml.legacy.Service, bento_model: bentoml.Model) -> None:

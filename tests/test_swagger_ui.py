@@ -1,8 +1,8 @@
 """The Swagger UI at ``/``, driven in headless Chromium (Debian's ``chromium``, installed
 by ``make browser-deps``) as a person would: its header names the service and its
-version, with no broken image; it documents ``predict`` with its example answer and
-the TF Serving routes; uploading ``cat.jpg`` there, as the preselected
-``image/jpeg``, shows the in-process label."""
+version, with no broken image, and the page asks no other host for anything; it
+documents ``predict`` with its example answer and the TF Serving routes; uploading
+``cat.jpg`` there, as the preselected ``image/jpeg``, shows the in-process label."""
 
 from __future__ import annotations
 
@@ -37,17 +37,23 @@ TIMEOUT_MS = 120_000
 
 
 @pytest.fixture(scope="module")
-def page(http_address: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Page]:
+def outside_requests() -> list[str]:
+    """What the page asked of hosts other than the server (refused: nothing leaves this machine)."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def page(http_address: str, tmp_path_factory: pytest.TempPathFactory, outside_requests: list[str]) -> Iterator[Page]:
     from playwright.sync_api import Route, sync_playwright
 
     assert CHROMIUM.exists(), "no /usr/bin/chromium: run `make browser-deps`"
     host = urlsplit(f"http://{http_address}").hostname
 
     def local_only(route: Route) -> None:
-        # The page also asks Google Tag Manager and badge hosts; nothing leaves this machine.
         if urlsplit(route.request.url).hostname == host:
             route.continue_()
         else:
+            outside_requests.append(route.request.url)
             route.abort()
 
     with sync_playwright() as playwright:
@@ -76,6 +82,12 @@ def test_header_names_the_service_and_its_version(page: Page, saved_model: str) 
     assert "ImageNet Inception v3" in info.inner_text()
     broken = page.evaluate("Array.from(document.images).filter(i => !i.complete || !i.naturalWidth).map(i => i.src)")
     assert broken == []
+
+
+def test_the_page_asks_no_other_host(page: Page, outside_requests: list[str]) -> None:
+    """BentoML's page loads Google Tag Manager, its description badges from outside hosts; neither is served here."""
+    page.wait_for_load_state("networkidle")
+    assert outside_requests == []
 
 
 def test_tf_serving_routes_are_listed(page: Page) -> None:
