@@ -3,8 +3,9 @@
 BentoML documents its own APIs and infrastructure routes. Its page at ``/`` loads
 Google Tag Manager (BentoML's web analytics) from Google, so the docs of a
 self-hosted service would report every visit outside; the page is served here
-without it, and asks no other host for anything. The document gets the service's description and version instead of BentoML's boilerplate
-(its badges are images from outside hosts), ``image/jpeg`` as the first
+without it, and asks no other host for anything. The document gets the service's
+description and version instead of BentoML's boilerplate (its badges are images
+from outside hosts), ``image/jpeg`` as the first
 (Swagger UI's preselected) type of an image upload, error schemas without the
 ``detail`` field that no answer has, and the routes of the other protocols the
 service speaks: a door module ``declare``s a ``Protocol`` with its ``Route``s,

@@ -19,6 +19,7 @@ import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
+from inception_v3.weights import RANDOM_WARNING
 from tests.expectations import assert_same_prediction
 
 pytestmark = pytest.mark.servers
@@ -243,6 +244,7 @@ def test_rest_json_base64_and_b64_objects(infer_url, http_address, serving_versi
         "model_name": MODEL,
         "model_version": serving_version,
         "id": "plain-1",
+        "parameters": {"warning": RANDOM_WARNING},  # the suite's model has random weights
         "outputs": [
             {"name": "label", "datatype": "BYTES", "shape": [3], "data": [reference_classify(cat_jpeg)["label"]] * 3}
         ],

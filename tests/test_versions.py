@@ -411,17 +411,19 @@ def test_an_unknown_version_is_not_found_on_every_door(latest_two) -> None:
 
 
 @pytest.mark.parametrize("written", ["-1", "99999999999999999999", "%C2%B2"])
-def test_a_version_that_is_no_version_number_is_not_found(latest_two, written: str) -> None:
-    """Never the newest (-1 is the runner's own "newest"), never a 500 (past int64, or not ASCII)."""
+def test_a_version_that_is_no_version_number_is_refused(latest_two, written: str) -> None:
+    """Never the newest (-1 is the runner's own "newest"), never a 500 (past int64, or not ASCII):
+    TF Serving's REST API answers 400 (its path pattern and number parsing refuse it), Open Inference 404."""
     stack, _, _ = latest_two
     body = {"instances": [{"b64": base64.b64encode(CAT).decode()}]}
-    answers = [
+    tf_serving = [
         httpx.post(f"http://{stack.http}/v1/models/inception_v3/versions/{written}:predict", json=body, timeout=30),
         httpx.get(f"http://{stack.http}/v1/models/inception_v3/versions/{written}/metadata", timeout=30),
-        httpx.get(f"http://{stack.http}/v2/models/inception_v3/versions/{written}", timeout=30),
     ]
-    for answer in answers:
-        assert answer.status_code == 404, (answer.url, answer.text)
+    for answer in tf_serving:
+        assert answer.status_code == 400 and answer.json()["error"].startswith("Malformed request"), answer.text
+    open_inference = httpx.get(f"http://{stack.http}/v2/models/inception_v3/versions/{written}", timeout=30)
+    assert open_inference.status_code == 404, open_inference.text
 
 
 def test_a_negative_grpc_version_is_not_found(latest_two) -> None:

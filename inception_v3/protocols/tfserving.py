@@ -341,6 +341,7 @@ def openapi_protocol() -> openapi.Protocol:
     }
     routes: list[openapi.Route] = []
     for prefix in ("/v1/models/{model_name}", "/v1/models/{model_name}/versions/{version}"):
+        lookup_errors = (400, 404, 503, 504) if "{version}" in prefix else (404, 503, 504)  # 400: no version number
         routes += [
             openapi.Route("post", f"{prefix}:predict", "top-1 labels", predict_response, predict_request),
             openapi.Route(
@@ -348,14 +349,14 @@ def openapi_protocol() -> openapi.Protocol:
                 f"{prefix}/metadata",
                 "the model's signature",
                 {"type": "object", "required": ["model_spec", "metadata"]},
-                errors=(404, 503, 504),
+                errors=lookup_errors,
             ),
             openapi.Route(
                 "get",
                 prefix,
                 "the model's status",
                 {"type": "object", "required": ["model_version_status"]},
-                errors=(404, 503, 504),
+                errors=lookup_errors,
             ),
         ]
     return openapi.Protocol(
