@@ -594,9 +594,10 @@ def run_stack(
         load["pss_processes_mib"] = {name: round(m["pss"] / 2**20, 1) for name, m in processes.items()}
         load["pss_gib"] = sum(m["pss"] for m in processes.values()) / 2**30
         load["uss_gib"] = sum(m["uss"] for m in processes.values()) / 2**30
+        after = f"after the load ({load['pss_at_end_gib']:.2f} GiB PSS as it ended)" if points else "before any load"
         log(
-            f"serving stack after the load: PSS {load['pss_gib']:.2f} GiB, USS {load['uss_gib']:.2f} GiB "
-            f"in {len(processes)} processes ({load['pss_at_end_gib']:.2f} GiB PSS as the load ended)"
+            f"serving stack {after}: PSS {load['pss_gib']:.2f} GiB, USS {load['uss_gib']:.2f} GiB "
+            f"in {len(processes)} processes"
         )
         if interleaved:
             rounds, duration, requests = interleaved
