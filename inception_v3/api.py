@@ -10,7 +10,7 @@ import typing as t
 import numpy as np
 from bentoml.exceptions import BadInput
 from bentoml.io import JSON, Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
@@ -124,10 +124,12 @@ ImageUpload.descriptor_id = Image.descriptor_id
 
 
 class JsonInput(JSON, proto_fields=JSON.proto_fields):
-    """``bentoml.io.JSON`` that answers every unparsable body with 400.
+    """``bentoml.io.JSON`` that answers every unparsable body with 400, and a body its
+    model refuses with one line: each field and what is wrong with it.
 
     BentoML's answers bytes that are not UTF-8, or JSON nested too deep for the
-    parser, with 500.
+    parser, with 500, and a refused body with pydantic's whole report (a line per
+    field, the input echoed, a link to pydantic's documentation).
     """
 
     async def from_http_request(self, request: Request) -> t.Any:
@@ -135,6 +137,26 @@ class JsonInput(JSON, proto_fields=JSON.proto_fields):
             return await super().from_http_request(request)
         except (UnicodeDecodeError, RecursionError) as error:
             raise BadInput(f"Invalid JSON input received: {type(error).__name__}: {error}") from None
+        except BadInput as error:
+            raise refused_fields(error) from None
+
+    async def from_proto(self, field: t.Any) -> t.Any:
+        try:
+            return await super().from_proto(field)
+        except BadInput as error:
+            raise refused_fields(error) from None
+
+
+def refused_fields(error: BadInput) -> BadInput:
+    """BentoML's error for a body the model refused (pydantic's report is its context), in one line."""
+    report = error.__context__
+    if not isinstance(report, ValidationError):
+        return error
+    problems = (
+        f"{'.'.join(map(str, problem['loc'])) or 'body'}: {problem['msg']}"
+        for problem in report.errors(include_url=False, include_input=False)
+    )
+    return BadInput(f"Invalid JSON input received: {'; '.join(problems)}")
 
 
 JsonInput.descriptor_id = JSON.descriptor_id

@@ -31,7 +31,8 @@ import psutil
 import pytest
 from bentoml.grpc.v1 import service_pb2 as pb
 from bentoml.grpc.v1 import service_pb2_grpc
-from google.protobuf.json_format import MessageToDict
+from google.protobuf import struct_pb2
+from google.protobuf.json_format import MessageToDict, ParseDict
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -242,6 +243,27 @@ def test_grpc_bad_input_gets_its_status(grpc_address: str, name: str) -> None:
     code, details = grpc_call(grpc_address, request, metadata)
     assert code == expected, details
     assert details
+
+
+@pytest.mark.parametrize(
+    ("body", "problems"),
+    [
+        ({"pictures": []}, "images: Field required"),
+        (
+            {"images": [1], "top_k": 0},
+            "images.0: Input should be a valid string; top_k: Input should be greater than or equal to 1",
+        ),
+    ],
+)
+def test_a_batch_request_the_schema_refuses_names_each_field(
+    http_address: str, grpc_address: str, body: dict[str, Any], problems: str
+) -> None:
+    """One line, on both doors: not pydantic's report, which echoes the input and links to its documentation."""
+    expected = f"Invalid JSON input received: {problems}"
+    response = httpx.post(f"http://{http_address}/predict_batch", json=body, timeout=TIMEOUT_S)
+    assert (response.status_code, response.json()) == (400, {"error": expected})
+    request = pb.Request(api_name="predict_batch", json=ParseDict(body, struct_pb2.Value()))
+    assert grpc_call(grpc_address, request) == ("INVALID_ARGUMENT", expected)
 
 
 @pytest.mark.parametrize(
