@@ -219,7 +219,11 @@ def serve(bento: str, working_dir: Path) -> int:
             reload_asked = False
             ask_model_holders_to_reload(pieces)
         time.sleep(POLL_S)
+    started_stopping = time.monotonic()
+    if stopping:
+        print("stopping: the API servers finish the requests they hold, then the runner stops", flush=True)
     stop(pieces)
+    print(f"stopped {bento} in {time.monotonic() - started_stopping:.1f} s", flush=True)
     return exit_code
 
 

@@ -741,5 +741,7 @@ def test_launcher_sigterm_drains_in_flight_requests_and_leaves_no_process(launch
     _, alive = psutil.wait_procs(tree, timeout=10)
     assert alive == []
     assert time.monotonic() - stopped < 60
+    lines = launched.log_text().splitlines()  # the log says it stopped, last, and when it began to
+    assert any(line.startswith("stopping: ") for line in lines) and re.fullmatch(r"stopped \S+ in \d+\.\d s", lines[-1])
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://{launched.http}/readyz", timeout=5)
