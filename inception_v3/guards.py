@@ -15,7 +15,8 @@ are read (a chunked body is counted as it arrives), and the body of a request
 refused before it was read is then read and dropped, up to a bound, so that
 clients that send it all before reading see the answer; every 4xx/5xx body becomes
 TensorFlow Serving's ``{"error": "..."}``; every response carries an
-``X-Request-ID`` (the client's, or a new one). ``?top_k=`` and ``?version=`` are
+``X-Request-ID`` (the client's, or a new one), and not BentoML's ``X-BentoML-Request-ID``
+beside it. ``?top_k=`` and ``?version=`` are
 read here. The OpenAPI document (``/docs.json``) gets the statuses the service
 really answers and those parameters. The per-request timeout is BentoML's
 (``api_server.traffic.timeout``, 504; ``RequestTimeout`` frees what each request
@@ -81,6 +82,7 @@ DRAIN_POLL_S = 0.05
 LINGER_BYTES = 256 << 20  # of a refused request's body read and dropped, at most
 LINGER_S = 10
 FLUSH_S = 0.5  # after the last call in flight has answered, for its bytes to leave
+BENTOML_REQUEST_ID = b"x-bentoml-request-id"
 # What the APIs answer besides BentoML's documented 200, 400, 404 and 500.
 DOCUMENTED_ERRORS = (
     HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
@@ -256,7 +258,9 @@ class HttpGuard:
 
     def on_response_start(self, start: Message, rid: str, answer: dict[str, int]) -> BodyRewrite | None:
         status = answer["status"] = start["status"]
-        headers = [*start.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
+        # One request ID, the one the logs carry: BentoML's own (a trace-context number) goes.
+        kept = [(key, value) for key, value in start.get("headers", []) if key.lower() != BENTOML_REQUEST_ID]
+        headers = [*kept, (b"x-request-id", rid.encode("latin-1"))]
         if status < 400:
             start["headers"] = headers
             return None

@@ -611,6 +611,7 @@ def test_launcher_is_warm_when_ready(launched: Launched) -> None:
 def test_launcher_logs_request_ids(launched: Launched) -> None:
     response = post_image(launched.http, CAT, **{"X-Request-ID": "hardening-http-ok"})
     assert response.status_code == 200 and response.headers["x-request-id"] == "hardening-http-ok"
+    assert "x-bentoml-request-id" not in response.headers  # one ID per answer: the one in the log
     assert "status=200" in launched.wait_for_log("request_id=hardening-http-ok")
     assert grpc_call(launched.grpc, image_request(CAT), [("x-request-id", "hardening-grpc-ok")])[0] == "OK"
     assert "BentoService/Call" in launched.wait_for_log("request_id=hardening-grpc-ok")
