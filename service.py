@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import bentoml
 import numpy as np
-from bentoml.io import JSON
 
 from inception_v3 import batching, client_schema, grpc_metrics, guards, openapi, protocols, versions
 from inception_v3.api import BatchPrediction, BatchRequest, ImageUpload, JsonInput, Prediction, decode_base64_image
 from inception_v3.classifier import Classifier
+from inception_v3.legacy import JSON
 from inception_v3.runner import InceptionV3Runnable, connect_without_environment, runnable_init_params
 from inception_v3.settings import SERVICE_NAME, load_settings, use_project_config_by_default
 

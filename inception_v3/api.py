@@ -9,13 +9,13 @@ import typing as t
 
 import numpy as np
 from bentoml.exceptions import BadInput
-from bentoml.io import JSON, Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from .errors import InvalidImage, UnsupportedMediaType
 from .labels import top_k
+from .legacy import JSON, Image
 from .preprocessing import SUPPORTED_MEDIA_TYPES, PixelLimits, read_image
 
 if t.TYPE_CHECKING:

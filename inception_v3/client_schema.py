@@ -18,11 +18,11 @@ import inspect
 import json
 import typing as t
 
-from bentoml.io import Image
 from pydantic import BaseModel
 from starlette.responses import Response
 
 from .asgi import Receive, Scope, Send
+from .legacy import Image
 
 if t.TYPE_CHECKING:
     import bentoml

@@ -75,7 +75,7 @@ def runner_worker_envs() -> list[dict[str, str]]:
     from .runner import InceptionV3Runnable
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # bentoml.legacy's notice, said once by service.py
+        warnings.simplefilter("ignore", DeprecationWarning)  # bentoml.legacy's deprecation notice
         runner = bentoml.legacy.Runner(InceptionV3Runnable, name=SERVICE_NAME)
     env_map = runner.scheduled_worker_env_map
     return [{key: str(value) for key, value in env_map[i].items()} for i in range(runner.scheduled_worker_count)]
