@@ -153,7 +153,9 @@ def refused_fields(error: BadInput) -> BadInput:
     if not isinstance(report, ValidationError):
         return error
     problems = (
-        f"{'.'.join(map(str, problem['loc'])) or 'body'}: {problem['msg']}"
+        "the body should be a JSON object"  # not pydantic's "a valid dictionary or instance of BatchRequest"
+        if problem["type"] == "model_type"
+        else f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}"
         for problem in report.errors(include_url=False, include_input=False)
     )
     return BadInput(f"Invalid JSON input received: {'; '.join(problems)}")

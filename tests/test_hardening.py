@@ -249,6 +249,7 @@ def test_grpc_bad_input_gets_its_status(grpc_address: str, name: str) -> None:
     ("body", "problems"),
     [
         ({"pictures": []}, "images: Field required"),
+        ([{"images": []}], "the body should be a JSON object"),
         (
             {"images": [1], "top_k": 0},
             "images.0: Input should be a valid string; top_k: Input should be greater than or equal to 1",
@@ -256,7 +257,7 @@ def test_grpc_bad_input_gets_its_status(grpc_address: str, name: str) -> None:
     ],
 )
 def test_a_batch_request_the_schema_refuses_names_each_field(
-    http_address: str, grpc_address: str, body: dict[str, Any], problems: str
+    http_address: str, grpc_address: str, body: Any, problems: str
 ) -> None:
     """One line, on both doors: not pydantic's report, which echoes the input and links to its documentation."""
     expected = f"Invalid JSON input received: {problems}"
