@@ -177,7 +177,9 @@ def serve(bento: str, working_dir: Path) -> int:
         return 1
     me = lineage.identity(psutil.Process())
     lineage.start_watchdog(f"{me}:")
-    env = {**os.environ, "BENTOML_CONFIG": str(settings.config_file)}
+    # gRPC's C core logs at INFO before absl is set up ("skipping fork() handlers" and a line saying so);
+    # its errors still show. GRPC_VERBOSITY in the environment wins.
+    env = {"GRPC_VERBOSITY": "ERROR", **os.environ, "BENTOML_CONFIG": str(settings.config_file)}
     try:
         planned = workers.planned(bento, working_dir, env)
         addresses = {worker.listens for worker in planned if worker.listens}  # workers of a kind share one
@@ -221,7 +223,7 @@ def serve(bento: str, working_dir: Path) -> int:
         time.sleep(POLL_S)
     started_stopping = time.monotonic()
     if stopping:
-        print("stopping: the API servers finish the requests they hold, then the runner stops", flush=True)
+        print("stopping: each server finishes the requests it holds", flush=True)
     stop(pieces)
     print(f"stopped {bento} in {time.monotonic() - started_stopping:.1f} s", flush=True)
     return exit_code

@@ -618,6 +618,14 @@ def test_launcher_logs_request_ids(launched: Launched) -> None:
     assert "BentoService/Call" in launched.wait_for_log("request_id=hardening-grpc-ok")
 
 
+def test_the_start_up_log_holds_no_library_notices(launched: Launched) -> None:
+    """BentoML's notices that its legacy API (the one it serves gRPC for) is deprecated, protobuf's about
+    BentoML's generated code, gRPC's C core at INFO: nothing an operator can act on."""
+    text = launched.log_text()
+    for notice in ("is deprecated since BentoML", "google.protobuf.service module is deprecated", "absl::"):
+        assert notice not in text
+
+
 def test_launcher_logs_client_errors_as_one_line(launched: Launched) -> None:
     response = post_image(launched.http, CAT[:600], **{"X-Request-ID": "hardening-http-bad"})
     assert response.status_code == 400
