@@ -24,7 +24,6 @@ import json
 import socket
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 from .settings import PROJECT_ROOT, SERVICE_NAME, load_settings
@@ -72,11 +71,10 @@ def runner_worker_envs() -> list[dict[str, str]]:
     """One environment per runner worker, as BentoML's scheduling strategy assigns them."""
     import bentoml
 
+    from . import legacy  # noqa: F401  (quiets bentoml.legacy.Runner's deprecation notice)
     from .runner import InceptionV3Runnable
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # bentoml.legacy's deprecation notice
-        runner = bentoml.legacy.Runner(InceptionV3Runnable, name=SERVICE_NAME)
+    runner = bentoml.legacy.Runner(InceptionV3Runnable, name=SERVICE_NAME)
     env_map = runner.scheduled_worker_env_map
     return [{key: str(value) for key, value in env_map[i].items()} for i in range(runner.scheduled_worker_count)]
 
