@@ -37,6 +37,18 @@ os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 sys.path.insert(0, str(ROOT))
 
 Classify = Callable[[bytes], dict]
+running_test: list[pytest.Item] = []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    running_test[:] = [item]
+
+
+def require_servers_mark() -> None:
+    """``pytest -m "not servers"`` is the README's fast run: a test that starts servers must say so."""
+    if running_test and running_test[0].get_closest_marker("servers") is None:
+        pytest.fail(f"{running_test[0].nodeid} starts servers: mark it @pytest.mark.servers")
 
 
 @pytest.fixture(scope="session")
@@ -128,6 +140,7 @@ class Launch:
 
 def start_launcher(name: str, overrides: dict[str, t.Any] | None = None, env: dict[str, str] | None = None) -> Launch:
     """The launcher on free ports and loopback only, in a BentoML home of its own linked to the test stores."""
+    require_servers_mark()
     home = linked_bentoml_home(name)
     config_file = write_config_on_free_ports(
         home / "configuration.yaml",
@@ -160,6 +173,7 @@ def start_launcher(name: str, overrides: dict[str, t.Any] | None = None, env: di
 def hosted_bento(stack: contextlib.ExitStack, use_grpc: bool, config_file: Path = TEST_CONFIG, name: str = "") -> str:
     from bentoml.testing.server import host_bento
 
+    require_servers_mark()
     with own_bentoml_home(name or ("grpc-server" if use_grpc else "http-server")):
         return stack.enter_context(
             host_bento(

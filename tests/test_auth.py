@@ -137,6 +137,7 @@ def grpc_call(stack: Stack, name: str, authorization: str | None) -> grpc.Status
 WRONG = [None, "", f"Bearer {OTHER_KEY}", f"Basic {KEY}", KEY]
 
 
+@pytest.mark.servers
 @pytest.mark.parametrize("name", list(HTTP_ROUTES))
 def test_http_routes_need_a_key(stack: Stack, name: str) -> None:
     for authorization in WRONG:
@@ -146,6 +147,7 @@ def test_http_routes_need_a_key(stack: Stack, name: str) -> None:
     assert http_call(stack, name, f"Bearer {KEY}").status_code == HTTP_ROUTES[name][4]
 
 
+@pytest.mark.servers
 @pytest.mark.parametrize("name", list(grpc_calls()))
 def test_grpc_methods_need_a_key(stack: Stack, name: str) -> None:
     for authorization in WRONG:
@@ -153,6 +155,7 @@ def test_grpc_methods_need_a_key(stack: Stack, name: str) -> None:
     assert grpc_call(stack, name, f"Bearer {KEY}") == grpc.StatusCode.OK
 
 
+@pytest.mark.servers
 def test_health_metrics_and_docs_stay_open(stack: Stack) -> None:
     for path in ("/livez", "/readyz", "/metrics", "/docs.json", "/"):
         assert httpx.get(f"http://{stack.http}{path}", timeout=30).status_code == 200, path
@@ -161,6 +164,7 @@ def test_health_metrics_and_docs_stay_open(stack: Stack) -> None:
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
 
 
+@pytest.mark.servers
 def test_the_client_sends_its_key(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     assert client.classify_rest(CAT, *split_address(stack.http), 60, None, KEY)["label"]
     assert client.classify_grpc(CAT, *split_address(stack.grpc), 60, None, KEY)["label"]
@@ -170,6 +174,7 @@ def test_the_client_sends_its_key(stack: Stack, monkeypatch: pytest.MonkeyPatch)
         client.metadata_rest(*split_address(stack.http), 60, OTHER_KEY)
 
 
+@pytest.mark.servers
 def test_keys_rotate_without_a_restart(stack: Stack) -> None:
     try:
         time.sleep(0.01)  # a modification time of its own, whatever the file system's resolution
@@ -209,6 +214,7 @@ def test_health_needs_a_key_when_protected(tmp_path: Path, protect: bool) -> Non
     assert sent[0]["status"] == (401 if protect else 200)
 
 
+@pytest.mark.servers
 @pytest.mark.parametrize(("method", "path"), OPERATIONS)
 def test_every_operation_conforms_to_the_document_with_a_key(stack: Stack, method: str, path: str) -> None:
     """Schemathesis over every documented route of a server with API keys on, sending the right key."""

@@ -198,6 +198,7 @@ def wait_restarted(stack: Stack, name: str, old: psutil.Process, timeout_s: floa
         time.sleep(0.2)
 
 
+@pytest.mark.servers
 @pytest.mark.parametrize("stack", ["shared"], indirect=True)
 def test_runner_killed_under_load_is_restarted_with_only_200_and_503_meanwhile(stack: Stack) -> None:
     """The runner's worker, which the launcher restarts (BentoML's workers run without its supervisors)."""
@@ -240,6 +241,7 @@ def test_runner_killed_under_load_is_restarted_with_only_200_and_503_meanwhile(s
     assert not runner.is_running() and stack.pieces()["runner"].pid != runner.pid
 
 
+@pytest.mark.servers
 @pytest.mark.parametrize("stack", ["auto", "shared"], indirect=True)
 @pytest.mark.parametrize(("victim", "other"), [("http", "grpc"), ("grpc", "http")])
 def test_api_server_killed_other_door_serves_on(stack: Stack, victim: str, other: str) -> None:
@@ -260,6 +262,7 @@ def test_api_server_killed_other_door_serves_on(stack: Stack, victim: str, other
     assert not psutil.pid_exists(old.pid)
 
 
+@pytest.mark.servers
 def test_piece_dying_too_often_makes_the_launcher_give_up(saved_model: str) -> None:
     stack = start_stack("faults-give-up")
     try:
@@ -278,6 +281,7 @@ def test_piece_dying_too_often_makes_the_launcher_give_up(saved_model: str) -> N
         stop_stack(stack)
 
 
+@pytest.mark.servers
 def test_launcher_killed_leaves_no_process_and_a_restart_clears_leftovers(saved_model: str) -> None:
     stack = start_stack("faults-crash")
     try:
@@ -305,6 +309,7 @@ def test_launcher_killed_leaves_no_process_and_a_restart_clears_leftovers(saved_
         stop_stack(stack)
 
 
+@pytest.mark.servers
 def test_a_held_port_is_named_with_its_pid(saved_model: str) -> None:
     home = linked_bentoml_home("faults-held")
     config_file = write_config_on_free_ports(home / "configuration.yaml")

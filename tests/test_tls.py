@@ -88,6 +88,7 @@ def grpc_health(address: str, tls: ClientTls | None) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
 
 
+@pytest.mark.servers
 def test_the_client_connects_with_tls_on_both_doors(secured: Secured) -> None:
     stack, tls = secured.stack, secured.tls
     assert client.classify_rest(CAT, *split_address(stack.http), 60, None, tls=tls)["label"]
@@ -100,12 +101,14 @@ def test_the_client_connects_with_tls_on_both_doors(secured: Secured) -> None:
         assert client.main(argv) == 0
 
 
+@pytest.mark.servers
 def test_launcher_waits_for_tls_servers(secured: Secured) -> None:
     http_port, grpc_port = (int(a.rpartition(":")[2]) for a in (secured.stack.http, secured.stack.grpc))
     settings = dataclasses.replace(load_settings(), http_port=http_port, grpc_port=grpc_port, tls=True)
     assert wait_ready(settings, timeout_s=30, tls=secured.tls)
 
 
+@pytest.mark.servers
 def test_plaintext_and_unknown_cas_are_refused(secured: Secured, certs: Path) -> None:
     stack = secured.stack
     with pytest.raises(httpx.HTTPError):
@@ -118,6 +121,7 @@ def test_plaintext_and_unknown_cas_are_refused(secured: Secured, certs: Path) ->
     assert grpc_health(stack.grpc, secured.tls) == "SERVING"
 
 
+@pytest.mark.servers
 def test_mutual_tls_refuses_clients_without_a_certificate_from_its_ca(secured: Secured, certs: Path) -> None:
     if not secured.mutual:
         pytest.skip("server without client certificates")

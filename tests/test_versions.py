@@ -257,6 +257,7 @@ def latest_one(saved_model: str) -> Iterator[tuple[Stack, Path, str]]:
         stop_stack(stack)
 
 
+@pytest.mark.servers
 def test_a_saved_version_takes_over_under_load_with_every_answer_200(latest_one) -> None:
     stack, store, _ = latest_one
     (old,) = statuses(stack)
@@ -300,6 +301,7 @@ def test_a_saved_version_takes_over_under_load_with_every_answer_200(latest_one)
     assert {v: s["state"] for v, s in statuses(stack).items()} == {new: "AVAILABLE", old: "END"}
 
 
+@pytest.mark.servers
 def test_a_broken_version_leaves_the_old_one_serving_and_says_why(latest_one) -> None:
     stack, store, _ = latest_one
     serving = max(v for v, s in statuses(stack).items() if s["state"] == "AVAILABLE")
@@ -342,6 +344,7 @@ def latest_two(saved_model: str) -> Iterator[tuple[Stack, int, int]]:
         stop_stack(stack)
 
 
+@pytest.mark.servers
 def test_both_versions_answer_by_number_on_every_door(latest_two) -> None:
     stack, older, newer = latest_two
     assert {v: s["state"] for v, s in statuses(stack).items()} == {older: "AVAILABLE", newer: "AVAILABLE"}
@@ -367,6 +370,7 @@ def test_both_versions_answer_by_number_on_every_door(latest_two) -> None:
     ]
 
 
+@pytest.mark.servers
 def test_concurrent_requests_for_both_versions_each_get_their_own(latest_two) -> None:
     """Requests for different versions share runner batches; each row is answered by the version it asked."""
     stack, older, newer = latest_two
@@ -385,6 +389,7 @@ def test_concurrent_requests_for_both_versions_each_get_their_own(latest_two) ->
         assert list(pool.map(predict, asked)) == asked
 
 
+@pytest.mark.servers
 def test_an_unknown_version_is_not_found_on_every_door(latest_two) -> None:
     stack, _, newer = latest_two
     unknown = newer + 50
@@ -410,6 +415,7 @@ def test_an_unknown_version_is_not_found_on_every_door(latest_two) -> None:
     assert answer.status_code == 400 and "version" in answer.json()["error"]
 
 
+@pytest.mark.servers
 @pytest.mark.parametrize("written", ["-1", "99999999999999999999", "%C2%B2"])
 def test_a_version_that_is_no_version_number_is_refused(latest_two, written: str) -> None:
     """Never the newest (-1 is the runner's own "newest"), never a 500 (past int64, or not ASCII):
@@ -426,6 +432,7 @@ def test_a_version_that_is_no_version_number_is_refused(latest_two, written: str
     assert open_inference.status_code == 404, open_inference.text
 
 
+@pytest.mark.servers
 def test_a_negative_grpc_version_is_not_found(latest_two) -> None:
     stack, _, _ = latest_two
     with pytest.raises(grpc.RpcError) as raised:
@@ -451,6 +458,7 @@ def bento_grpc_predict(stack: Stack, version: int | None) -> dict:
     return json_format.MessageToDict(response.json)
 
 
+@pytest.mark.servers
 def test_bentoml_serve_of_the_bento_picks_up_a_new_version(saved_model: str, monkeypatch) -> None:
     """``bentoml serve`` (BentoML's own test helper: the Bento built and served) watching a mounted store."""
     store, tag = own_store("versions-bentoml-serve", saved_model)
@@ -471,6 +479,7 @@ def test_bentoml_serve_of_the_bento_picks_up_a_new_version(saved_model: str, mon
         wait_for(lambda: answering_version() == first + 1, POLL_S + 15, "bentoml serve answers with the new version")
 
 
+@pytest.mark.servers
 def test_embedded_runner_serves_both_doors_and_each_takes_a_new_version_on_sighup(
     saved_model: str, reference_classify
 ) -> None:
