@@ -86,7 +86,7 @@ clean: stop
 
 # --- deployable image (bentoml build / containerize) -------------------------
 # build_all: model (if the store has none) -> `bentoml build` -> `bentoml containerize` (printed) -> inception_v3:latest.
-# run: the image's default command, HTTP :8501 and gRPC :8500 from one runner; `make stop` stops it.
+# run: the image's default command, HTTP :8501 and gRPC :8500 under one launcher; `make stop` stops it.
 # It stops a `make serve` for the ports, once it knows an engine holds the image.
 # MODEL_STORE=DIR (run): serve the versions of that model store folder (e.g. ~/bentoml/models), watched.
 # The engine is docker, or buildah where no Docker engine answers (CONTAINER_BACKEND=docker|buildah);

@@ -1,7 +1,7 @@
 """Serve HTTP and gRPC under one supervisor: two API servers and, with a shared runner, the runner.
 
     python -m inception_v3.launcher [--bento service:svc] [--working-dir .]
-    python -m inception_v3.launcher --wait-ready [--timeout 120] [--pid PID]
+    python -m inception_v3.launcher --wait-ready [--timeout 180] [--pid PID]
     kill -HUP LAUNCHER_PID             # look at the model store for new versions now (make reload)
 
 ``bentoml serve`` and ``bentoml serve-grpc`` each start a runner of their own

@@ -9,7 +9,7 @@ worker, which ``make reload`` sends through the launcher). A new version is load
 and warmed beside the served ones; only then does it take requests that name no
 version; the versions the policy no longer wants stop taking new requests, finish
 those they hold, and are freed. A version that fails to load is marked END with
-its error and the others go on serving; it is tried again only if it is saved anew.
+its error and the others go on serving; it is tried again once its files change.
 
 States are TF Serving's: START (seen), LOADING, AVAILABLE, UNLOADING, END.
 """

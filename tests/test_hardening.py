@@ -1,8 +1,8 @@
 """Issue 6 against real servers: bad input gets a clear 4xx and the server goes on
 serving; odd but valid images are classified as in process; overload is shed
 with 503 / UNAVAILABLE instead of queueing; memory stays flat over a soak; and a
-``python -m inception_v3.launcher`` server (``make serve``: HTTP and gRPC from one
-runner process) answers as in process on both doors, is warm when ready, logs where
+``python -m inception_v3.launcher`` server (``make serve``: HTTP and gRPC, in each
+runner mode) answers as in process on both doors, is warm when ready, logs where
 the model runs and request ids, exports metrics on both doors and OpenTelemetry
 spans, and drains in-flight requests on SIGTERM, leaving no process."""
 
