@@ -25,7 +25,8 @@ held once it is answered); on SIGTERM uvicorn finishes what it holds.
 gRPC (a server interceptor): the same admission; the same per-request timeout
 (DEADLINE_EXCEEDED); request bytes that do not parse get INVALID_ARGUMENT
 instead of UNKNOWN; errors raised before BentoML's handler mapped to their
-status; the ``top_k``, ``version`` and ``x-request-id`` metadata keys. gRPC's own message
+status; the ``top_k``, ``version`` and ``x-request-id`` metadata keys, the request id sent
+back in the trailing metadata. gRPC's own message
 limit (``api_server.grpc.max_message_length``) answers RESOURCE_EXHAUSTED.
 BentoML's gRPC worker dies at once on SIGTERM, dropping what it holds; here
 SIGTERM first refuses new calls and waits for those in flight (at most the
@@ -64,7 +65,7 @@ from .auth import DOCS_HTTP_PATHS, HEALTH_GRPC_METHODS, HEALTH_HTTP_PATHS, UNAUT
 from .availability import RunnerUnavailable, RunnerWatch
 from .errors import PayloadTooLarge, Unauthenticated, register_grpc_status_codes
 from .memory import trimmed_when_idle
-from .observability import configure_logging, metrics, request_id
+from .observability import REQUEST_ID_KEY, add_trailing_metadata, configure_logging, metrics, request_id
 from .protocols import DOORS
 
 if t.TYPE_CHECKING:
@@ -207,7 +208,7 @@ class HttpGuard:
                 send = rewrite_responses(send, lambda start: document_openapi if start["status"] == 200 else None)
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        rid = headers.get(REQUEST_ID_KEY.encode(), b"").decode("latin-1")[:128] or uuid.uuid4().hex
         request_id.set(rid)
         started = time.perf_counter()
         answer: dict[str, int] = {}
@@ -260,7 +261,7 @@ class HttpGuard:
         status = answer["status"] = start["status"]
         # One request ID, the one the logs carry: BentoML's own (a trace-context number) goes.
         kept = [(key, value) for key, value in start.get("headers", []) if key.lower() != BENTOML_REQUEST_ID]
-        headers = [*kept, (b"x-request-id", rid.encode("latin-1"))]
+        headers = [*kept, (REQUEST_ID_KEY.encode(), rid.encode("latin-1"))]
         if status < 400:
             start["headers"] = headers
             return None
@@ -443,7 +444,9 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
 
         async def guarded(request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:
             metadata = dict(context.invocation_metadata() or ())
-            request_id.set(str(metadata.get("x-request-id", ""))[:128] or uuid.uuid4().hex)
+            rid = str(metadata.get(REQUEST_ID_KEY, ""))[:128] or uuid.uuid4().hex
+            request_id.set(rid)
+            context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
             started = time.perf_counter()
             failed = True
             try:
@@ -479,7 +482,7 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"not answered within {self.timeout_s} s")
         except ServiceUnavailable as error:
-            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(self.retry_after_s * 1000)),))
+            add_trailing_metadata(context, ("grpc-retry-pushback-ms", str(self.retry_after_s * 1000)))
             await context.abort(grpc.StatusCode.UNAVAILABLE, error.message)
         except BentoMLException as error:
             await context.abort(grpc_status_code(error), error.message)

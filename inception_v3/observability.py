@@ -19,8 +19,8 @@ OpenTelemetry instrumentation, set in the configuration file's ``tracing`` secti
 
 Logs: every line written while a request is served names its request id
 (``request_id=...``, the ``X-Request-ID`` header or ``x-request-id`` metadata, or
-a new one). BentoML logs every 4xx as an ERROR with a traceback; those become
-one INFO line.
+a new one), and the answer carries it back: in its headers, or its trailing metadata.
+BentoML logs every 4xx as an ERROR with a traceback; those become one INFO line.
 """
 
 from __future__ import annotations
@@ -37,6 +37,13 @@ if t.TYPE_CHECKING:
     from .engines import Choice
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+REQUEST_ID_KEY = "x-request-id"  # the HTTP header and the gRPC metadata key, both ways
+
+
+def add_trailing_metadata(context: t.Any, *pairs: tuple[str, str]) -> None:
+    """Beside what the call's answer carries already (its request id): gRPC's own setter replaces it all."""
+    context.set_trailing_metadata((*(context.trailing_metadata() or ()), *pairs))
+
 
 # Loggers whose "Exception on <api>" records carry client errors (4xx) as tracebacks.
 BENTOML_API_LOGGERS = ("bentoml._internal.server.http_app", "bentoml._internal.server.grpc.servicer.v1")

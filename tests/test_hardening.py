@@ -614,7 +614,15 @@ def test_launcher_logs_request_ids(launched: Launched) -> None:
     assert response.status_code == 200 and response.headers["x-request-id"] == "hardening-http-ok"
     assert "x-bentoml-request-id" not in response.headers  # one ID per answer: the one in the log
     assert "status=200" in launched.wait_for_log("request_id=hardening-http-ok")
-    assert grpc_call(launched.grpc, image_request(CAT), [("x-request-id", "hardening-grpc-ok")])[0] == "OK"
+    with grpc.insecure_channel(launched.grpc) as channel:
+        stub = service_pb2_grpc.BentoServiceStub(channel)
+        sent = [("x-request-id", "hardening-grpc-ok")]
+        _, call = stub.Call.with_call(image_request(CAT), metadata=sent, timeout=TIMEOUT_S)
+        assert ("x-request-id", "hardening-grpc-ok") in call.trailing_metadata()
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Call(image_request(b"junk"), timeout=TIMEOUT_S)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(dict(refused.value.trailing_metadata())["x-request-id"]) == 32  # a new one, as in the log
     assert "BentoService/Call" in launched.wait_for_log("request_id=hardening-grpc-ok")
 
 

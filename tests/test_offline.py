@@ -271,10 +271,11 @@ def test_tf_serving_grpc_names_the_weights_and_warns(grpc_address: str, cat_jpeg
         request = predict_pb2.PredictRequest()
         request.model_spec.name = "inception_v3"
         request.inputs["image"].CopyFrom(tf.make_tensor_proto([cat_jpeg]))
-        _, call = stub.Predict.with_call(request, timeout=30)
+        _, call = stub.Predict.with_call(request, metadata=[("x-request-id", "offline-tfs")], timeout=30)
     weights = wrappers_pb2.StringValue()
     assert metadata.metadata["weights"].Unpack(weights) and weights.value == "random"
-    assert dict(call.trailing_metadata())["x-model-warning"] == RANDOM_WARNING
+    answered = dict(call.trailing_metadata())  # the warning beside the request id, not instead of it
+    assert answered["x-model-warning"] == RANDOM_WARNING and answered["x-request-id"] == "offline-tfs"
 
 
 @pytest.mark.servers

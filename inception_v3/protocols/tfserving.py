@@ -34,6 +34,7 @@ from .. import openapi, versions, weights
 from ..api import image_from_tensor_element, json_value_to_image
 from ..errors import ModelNotFound
 from ..labels import top_k
+from ..observability import add_trailing_metadata
 from . import Door, VersionedModel
 
 if t.TYPE_CHECKING:
@@ -276,7 +277,7 @@ def grpc_servicers(model: ServedModel) -> list[tuple[type, t.Callable[..., None]
             output.tensor_shape.dim.add(size=len(labels))
             output.string_val.extend(label.encode() for label in labels)
             if classified.warning:
-                context.set_trailing_metadata(((WARNING_KEY, classified.warning),))
+                add_trailing_metadata(context, (WARNING_KEY, classified.warning))
             return response
 
         async def GetModelMetadata(self, request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:  # noqa: N802
