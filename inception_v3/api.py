@@ -127,15 +127,16 @@ class JsonInput(JSON, proto_fields=JSON.proto_fields):
     """``bentoml.io.JSON`` that answers every unparsable body with 400, and a body its
     model refuses with one line: each field and what is wrong with it.
 
-    BentoML's answers bytes that are not UTF-8, or JSON nested too deep for the
-    parser, with 500, and a refused body with pydantic's whole report (a line per
-    field, the input echoed, a link to pydantic's documentation).
+    BentoML's answers bytes that are not UTF-8, JSON nested too deep for the
+    parser, an integer too long for ``int`` or a NaN in a gRPC Struct with 500,
+    and a refused body with pydantic's whole report (a line per field, the input
+    echoed, a link to pydantic's documentation).
     """
 
     async def from_http_request(self, request: Request) -> t.Any:
         try:
             return await super().from_http_request(request)
-        except (UnicodeDecodeError, RecursionError) as error:
+        except (ValueError, RecursionError) as error:  # not UTF-8, an integer of over 4300 digits
             raise BadInput(f"Invalid JSON input received: {type(error).__name__}: {error}") from None
         except BadInput as error:
             raise refused_fields(error) from None
@@ -143,6 +144,8 @@ class JsonInput(JSON, proto_fields=JSON.proto_fields):
     async def from_proto(self, field: t.Any) -> t.Any:
         try:
             return await super().from_proto(field)
+        except ValueError as error:  # a NaN or an infinity in a protobuf Struct, which JSON cannot hold
+            raise BadInput(f"Invalid JSON input received: {error}") from None
         except BadInput as error:
             raise refused_fields(error) from None
 

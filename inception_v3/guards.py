@@ -105,7 +105,8 @@ class BodyTooLarge(PayloadTooLarge):
 def parse_top_k(value: str | None) -> int | None:
     if value is None:
         return None
-    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 1000:
+    # Its length first: int() refuses more than 4300 digits with a ValueError.
+    if not (value.isascii() and value.isdigit() and len(value) <= 4) or not 1 <= int(value) <= 1000:
         raise BadInput(f"top_k must be an integer from 1 to 1000, got {value!r}")
     return int(value)
 

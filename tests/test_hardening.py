@@ -83,12 +83,14 @@ HTTP_BAD_INPUT: dict[str, tuple[str, bytes, dict[str, str], int]] = {
     "top_k text": ("/predict?top_k=abc", CAT, {"Content-Type": "image/jpeg"}, 400),
     "top_k empty": ("/predict?top_k=", CAT, {"Content-Type": "image/jpeg"}, 400),
     "top_k superscript digit": ("/predict?top_k=%C2%B2", CAT, {"Content-Type": "image/jpeg"}, 400),
+    "top_k past int's 4300 digits": ("/predict?top_k=" + "9" * 5000, CAT, {"Content-Type": "image/jpeg"}, 400),
     "version superscript digit": ("/predict?version=%C2%B2", CAT, {"Content-Type": "image/jpeg"}, 400),
     "batch bad base64": ("/predict_batch", b'{"images": ["!!not base64!!"]}', JSON, 400),
     "batch no images": ("/predict_batch", b'{"images": []}', JSON, 400),
     "batch not json": ("/predict_batch", b"{images", JSON, 400),
     "batch not utf-8": ("/predict_batch", b"\xc2\x00\xff{", JSON, 400),
     "batch nested too deep": ("/predict_batch", b"[" * 100_000, JSON, 400),
+    "batch integer of 5000 digits": ("/predict_batch", b'{"top_k": 1' + b"0" * 5000 + b"}", JSON, 400),
     "batch not an image": (
         "/predict_batch",
         b'{"images": ["' + base64.b64encode(b"hello") + b'"]}',
@@ -223,6 +225,13 @@ def image_request(content: bytes, api_name: str = "predict") -> Any:
     return pb.Request(api_name=api_name, file=pb.File(kind="image/jpeg", content=content))
 
 
+def batch_request_with_top_k(top_k: float) -> Any:
+    """A Struct number JSON cannot hold (NaN, infinity) is a gRPC client's to send."""
+    body = ParseDict({"images": ["a"]}, struct_pb2.Value())
+    body.struct_value.fields["top_k"].number_value = top_k
+    return pb.Request(api_name="predict_batch", json=body)
+
+
 GRPC_BAD_INPUT: dict[str, tuple[Any, list[tuple[str, str]] | None, str]] = {
     "empty file": (image_request(b""), None, "INVALID_ARGUMENT"),
     "text": (image_request(b"hello, world"), None, "INVALID_ARGUMENT"),
@@ -233,6 +242,9 @@ GRPC_BAD_INPUT: dict[str, tuple[Any, list[tuple[str, str]] | None, str]] = {
     "unknown api": (image_request(CAT, api_name="no_such_api"), None, "INVALID_ARGUMENT"),
     "no input field": (pb.Request(api_name="predict"), None, "INVALID_ARGUMENT"),
     "bad top_k": (image_request(CAT), [("top_k", "many")], "INVALID_ARGUMENT"),
+    "top_k past int's 4300 digits": (image_request(CAT), [("top_k", "9" * 5000)], "INVALID_ARGUMENT"),
+    "batch with a NaN": (batch_request_with_top_k(float("nan")), None, "INVALID_ARGUMENT"),
+    "batch with an infinity": (batch_request_with_top_k(float("inf")), None, "INVALID_ARGUMENT"),
     "message over the size limit": (image_request(b"\0" * (SETTINGS.max_body_bytes + 1)), None, "RESOURCE_EXHAUSTED"),
 }
 

@@ -302,7 +302,13 @@ def test_rest_bad_tensors_are_400_with_message(infer_url, body):
 
 @pytest.mark.parametrize(
     ("data", "header_length"),
-    [(b"{not json", None), (b'{"inputs": []}', "99"), (b'{"inputs": []}\x00\x00', "-1")],
+    [
+        (b"{not json", None),
+        (b'{"inputs": []}', "99"),
+        (b'{"inputs": []}\x00\x00', "-1"),
+        (b'{"inputs": []}', "\u00b2"),  # a digit to str.isdigit, not to int
+        (b'{"inputs": []}', "9" * 5000),  # past int's 4300 digits
+    ],
 )
 def test_rest_malformed_body_is_400(infer_url, data, header_length):
     headers = {"Inference-Header-Content-Length": header_length} if header_length else {}
