@@ -212,6 +212,23 @@ def test_grpc_unknown_model_or_version_is_not_found(channel, cat_jpeg):
         assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.parametrize(
+    "method",
+    [
+        "/tensorflow.serving.PredictionService/Classify",
+        "/tensorflow.serving.PredictionService/Regress",
+        "/tensorflow.serving.PredictionService/MultiInference",
+        "/tensorflow.serving.ModelService/HandleReloadConfigRequest",
+    ],
+)
+def test_grpc_methods_not_served_are_unimplemented(channel, method):
+    """Not the generated stubs' NotImplementedError, which BentoML answers INTERNAL."""
+    with pytest.raises(grpc.RpcError) as error:
+        channel.unary_unary(method)(b"", timeout=10)
+    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "is not served" in error.value.details()
+
+
 def test_grpc_malformed_tensors_are_invalid_argument(channel):
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     floats = predict_request([b"x"])

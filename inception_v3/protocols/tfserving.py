@@ -252,7 +252,19 @@ def grpc_servicers(model: ServedModel) -> list[tuple[type, t.Callable[..., None]
     def spec_version(spec: t.Any) -> int | None:
         return spec.version.value if spec.HasField("version") else None
 
+    def not_served(service: str, method: str, served: str) -> t.Callable[..., t.Awaitable[None]]:
+        """For the generated servicer's stubs, which raise NotImplementedError: BentoML answers it INTERNAL."""
+
+        async def refuse(self: t.Any, request: t.Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{service}/{method} is not served (only {served})")
+
+        return refuse
+
     class PredictionService(pb.prediction_service_pb2_grpc.PredictionServiceServicer):
+        Classify = not_served(PREDICTION_SERVICE, "Classify", "Predict and GetModelMetadata")
+        Regress = not_served(PREDICTION_SERVICE, "Regress", "Predict and GetModelMetadata")
+        MultiInference = not_served(PREDICTION_SERVICE, "MultiInference", "Predict and GetModelMetadata")
+
         async def Predict(self, request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:  # noqa: N802
             try:
                 model.check(request.model_spec.name, request.model_spec.signature_name)
@@ -297,6 +309,8 @@ def grpc_servicers(model: ServedModel) -> list[tuple[type, t.Callable[..., None]
             return response
 
     class ModelService(pb.model_service_pb2_grpc.ModelServiceServicer):
+        HandleReloadConfigRequest = not_served(MODEL_SERVICE, "HandleReloadConfigRequest", "GetModelStatus")
+
         async def GetModelStatus(self, request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:  # noqa: N802
             try:
                 model.check(request.model_spec.name)
