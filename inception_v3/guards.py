@@ -205,6 +205,8 @@ class HttpGuard:
         if scope["type"] == "http" and path == "/readyz":
             return await self.readiness(send)
         if scope["type"] != "http" or path in UNGUARDED_PATHS or path.startswith("/static"):
+            if scope["type"] == "http" and not content_type_is_ascii(scope):
+                return await refuse(BadInput(NOT_ASCII), receive, send)
             if path == "/docs.json":
                 send = rewrite_responses(send, lambda start: document_openapi if start["status"] == 200 else None)
             return await self.app(scope, receive, send)
@@ -224,6 +226,8 @@ class HttpGuard:
         self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], answer: dict[str, int]
     ) -> None:
         try:
+            if not content_type_is_ascii(scope):
+                raise BadInput(NOT_ASCII)
             take_request_options(query_param(scope, "top_k"), query_param(scope, "version"))
             declared = headers.get(b"content-length")
             if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
@@ -278,6 +282,15 @@ class HttpGuard:
         if path in self.api_paths:
             return path
         return next((door.metrics_endpoint for door in DOORS if door.serves(path)), "other")
+
+
+NOT_ASCII = "the Content-Type header must be ASCII text"
+
+
+def content_type_is_ascii(scope: Scope) -> bool:
+    """BentoML's access log, inside this guard, decodes the header as UTF-8 once the answer has
+    started: other bytes broke the answer (a 200 without its body) or made it a 500."""
+    return all(value.isascii() for name, value in scope["headers"] if name == b"content-type")
 
 
 async def refuse(

@@ -58,7 +58,7 @@ def multipart(body: bytes, boundary: str = "xyz") -> tuple[bytes, dict[str, str]
 
 
 JSON = {"Content-Type": "application/json"}
-HTTP_BAD_INPUT: dict[str, tuple[str, bytes, dict[str, str], int]] = {
+HTTP_BAD_INPUT: dict[str, tuple[str, bytes, dict[str, str | bytes], int]] = {
     # name: (path, body, headers, expected status)
     "empty body": ("/predict", b"", {"Content-Type": "image/jpeg"}, 400),
     "text as jpeg": ("/predict", b"hello, world", {"Content-Type": "image/jpeg"}, 415),
@@ -67,6 +67,10 @@ HTTP_BAD_INPUT: dict[str, tuple[str, bytes, dict[str, str], int]] = {
     "truncated png": ("/predict", SAMPLES["png-rgba"][:150], {"Content-Type": "image/png"}, 400),
     "no content type": ("/predict", CAT, {}, 415),
     "wrong content type": ("/predict", CAT, {"Content-Type": "text/plain"}, 415),
+    "content type not ascii": ("/predict", CAT, {"Content-Type": b"image/jpeg; name=\xe9"}, 400),
+    "multipart boundary not ascii": ("/predict", CAT, {"Content-Type": b"multipart/form-data; boundary=\xe9"}, 400),
+    "tf serving content type not ascii": ("/v1/models/inception_v3:predict", b"{}", {"Content-Type": b"\xe9"}, 400),
+    "unknown route, content type not ascii": ("/nope", b"", {"Content-Type": b"a\xe9"}, 400),
     "json content type": ("/predict", b'{"image": "cat"}', JSON, 415),
     "tiff": ("/predict", unsupported_samples()["tiff"], {"Content-Type": "image/tiff"}, 415),
     "pdf as png": ("/predict", unsupported_samples()["pdf"], {"Content-Type": "image/png"}, 415),
@@ -135,6 +139,14 @@ def test_http_bad_input_gets_a_json_4xx(http_address: str, name: str) -> None:
     assert response.headers["content-type"] == "application/json"
     assert isinstance(response.json()["error"], str) and response.json()["error"]
     assert response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("path", ["/livez", "/metrics", "/docs.json"])
+def test_a_content_type_that_is_not_ascii_is_400_on_the_unguarded_routes_too(http_address: str, path: str) -> None:
+    """BentoML's access log decodes it once the answer has started: a 500, or a 200 cut short."""
+    response = httpx.get(f"http://{http_address}{path}", headers={"Content-Type": b"text/\xe9"}, timeout=TIMEOUT_S)
+    assert response.status_code == 400 and response.json() == {"error": "the Content-Type header must be ASCII text"}
+    assert httpx.get(f"http://{http_address}{path}", timeout=TIMEOUT_S).status_code == 200
 
 
 @pytest.mark.parametrize("path", ["/predict", "/v1/models/inception_v3:predict"])
