@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import signal
@@ -410,6 +411,52 @@ def tolerant(deserialize: Callable[[bytes], t.Any] | None) -> Callable[[bytes], 
     return parse
 
 
+async def decoded(request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:
+    if isinstance(request, Undecodable):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {request.error}")
+    return request
+
+
+async def answered(result: t.Any, context: grpc.aio.ServicerContext) -> t.Any:
+    """A streaming behaviour's answers: an async generator's, written here, or a coroutine's, which writes its own."""
+    if inspect.isasyncgen(result):
+        async for response in result:
+            await context.write(response)
+        return None
+    return await result
+
+
+def undecodable_refused(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """Any method, whatever its kind: request bytes that do not parse are INVALID_ARGUMENT."""
+    changes: dict[str, t.Any] = {"request_deserializer": tolerant(handler.request_deserializer)}
+    if inner := handler.unary_unary:
+
+        async def unary_unary(request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:
+            response = inner(await decoded(request, context), context)
+            return await response if inspect.isawaitable(response) else response  # grpc runs both kinds
+
+        changes["unary_unary"] = unary_unary
+    elif inner := handler.unary_stream:
+
+        async def unary_stream(request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:
+            return await answered(inner(await decoded(request, context), context), context)
+
+        changes["unary_stream"] = unary_stream
+    else:
+        kind = "stream_unary" if handler.stream_unary else "stream_stream"
+        inner = getattr(handler, kind)
+
+        async def streamed(requests: t.AsyncIterator[t.Any], context: grpc.aio.ServicerContext) -> t.Any:
+            async def checked() -> t.AsyncIterator[t.Any]:
+                async for request in requests:
+                    yield await decoded(request, context)
+
+            return await answered(inner(checked(), context), context)
+
+        changes[kind] = streamed
+    return handler._replace(**changes)
+
+
 def refused(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """The handler with its behaviour, whatever the method's kind, replaced by UNAUTHENTICATED."""
 
@@ -440,19 +487,17 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
         self, continuation: Callable[[t.Any], t.Awaitable[t.Any]], handler_call_details: t.Any
     ) -> t.Any:
         handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        handler = undecodable_refused(handler)
         method = handler_call_details.method
         self.handle_sigterm()
-        if handler is not None and self.keys and not self.keys.grpc_method_open(method):
+        if self.keys and not self.keys.grpc_method_open(method):
             if not self.keys.allows(dict(handler_call_details.invocation_metadata or ()).get("authorization")):
                 return refused(handler)
-        if handler is not None and method == HEALTH_CHECK:
+        if method == HEALTH_CHECK:
             return handler._replace(unary_unary=self.health_check(handler.unary_unary))
-        if (
-            handler is None
-            or handler.unary_unary is None
-            or method.startswith("/grpc.health.")
-            or method in UNGUARDED_METHODS
-        ):
+        if handler.unary_unary is None or method.startswith("/grpc.health.") or method in UNGUARDED_METHODS:
             return handler
         inner = handler.unary_unary
 
@@ -477,7 +522,7 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
                 status = code.name if code is not None else ("UNKNOWN" if failed else "OK")
                 metrics().answered("grpc", method, status, time.perf_counter() - started)
 
-        return handler._replace(unary_unary=guarded, request_deserializer=tolerant(handler.request_deserializer))
+        return handler._replace(unary_unary=guarded)
 
     async def admit(
         self,
@@ -487,8 +532,6 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
         metadata: dict[str, t.Any],
     ) -> t.Any:
         try:
-            if isinstance(request, Undecodable):
-                raise BadInput(f"malformed request message: {request.error}")
             take_request_options(metadata.get("top_k"), metadata.get("version"))
             async with self.admission.slot():
                 async with asyncio.timeout(self.timeout_s):

@@ -297,11 +297,32 @@ def test_a_batch_request_the_schema_refuses_names_each_field(
         "/bentoml.grpc.v1.BentoService/Call",
         "/tensorflow.serving.PredictionService/Predict",
         "/inference.GRPCInferenceService/ModelInfer",
+        # The methods outside the admission queue, of every kind (unary, server and bidirectional streams)
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/inference.GRPCInferenceService/ServerLive",
+        "/inference.GRPCInferenceService/ServerReady",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
     ],
 )
 def test_grpc_undecodable_message_is_invalid_argument(grpc_address: str, method: str) -> None:
     code, details = raw_grpc_call(grpc_address, method, b"\xff\xff\xff\x01 not a protobuf message")
     assert code == "INVALID_ARGUMENT", details
+    assert "malformed request message" in details
+
+
+def test_grpc_health_watch_and_reflection_still_answer(grpc_address: str) -> None:
+    """The streaming methods, wrapped to refuse undecodable requests, answer decodable ones as before."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(grpc_address) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+        asked = iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        (listed,) = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(asked, timeout=TIMEOUT_S)
+    assert "grpc.health.v1.Health" in {service.name for service in listed.list_services_response.service}
 
 
 def test_grpc_tf_serving_bad_base64_is_invalid_argument(grpc_address: str) -> None:
