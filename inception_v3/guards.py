@@ -13,7 +13,12 @@ route but health, metrics and the docs needs one first: 401 / UNAUTHENTICATED.
 HTTP (an ASGI middleware): bodies over ``max_body_bytes`` get 413 before they
 are read (a chunked body is counted as it arrives), and the body of a request
 refused before it was read is then read and dropped, up to a bound, so that
-clients that send it all before reading see the answer; every 4xx/5xx body becomes
+clients that send it all before reading see the answer. A request takes its slot
+once its body has arrived: a client that sends slowly, or stalls, holds no slot
+(it held one until the timeout, so 32 stalled connections shut the door); the bodies
+arriving are bounded together by as many full-size bodies as there are slots
+(beyond: 503), no more than the admitted requests could hold before, and a client
+that leaves mid-body is one "cancelled" answer, not a 500 and a traceback; every 4xx/5xx body becomes
 TensorFlow Serving's ``{"error": "..."}``; every response carries an
 ``X-Request-ID`` (the client's, or a new one), and not BentoML's ``X-BentoML-Request-ID``
 beside it. ``?top_k=`` and ``?version=`` are
@@ -98,6 +103,10 @@ class Overloaded(ServiceUnavailable):
     """503 / UNAVAILABLE: no slot free and the queue full, or the server shutting down."""
 
 
+class ClientGoneError(Exception):
+    """The client closed the connection before its request's body had arrived."""
+
+
 class BodyTooLarge(PayloadTooLarge):
     def __init__(self, limit: int) -> None:
         super().__init__(f"request body over the {limit}-byte limit")
@@ -131,6 +140,7 @@ class Admission:
 
     def __init__(self, protocol: str, max_concurrency: int, max_queue: int, runner: RunnerWatch) -> None:
         self.protocol = protocol
+        self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self.runner = runner
         self.slots = asyncio.Semaphore(max_concurrency)  # FIFO; binds to the server's loop on first use
@@ -194,6 +204,8 @@ class HttpGuard:
         self.keys = keys
         self.admission = admission
         self.max_body_bytes = max_body_bytes
+        self.bodies_budget = admission.max_concurrency * max_body_bytes
+        self.bodies_held = 0
         self.retry_after_s = retry_after_s
         self.api_paths = api_paths
         self.ready_body = f"ready; {ready_note}\n".encode() if ready_note else b"\n"
@@ -233,8 +245,14 @@ class HttpGuard:
             declared = headers.get(b"content-length")
             if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
                 raise BodyTooLarge(self.max_body_bytes)
-            async with self.admission.slot():
-                await self.app(scope, self.limited(receive), send)
+            body = await self.read_body(receive)
+            try:
+                async with self.admission.slot():
+                    await self.app(scope, replayed(body, receive), send)
+            finally:
+                self.bodies_held -= len(body)
+        except ClientGoneError:
+            return
         except BentoMLException as error:  # the guard's own refusals; the APIs answer theirs
             if "status" in answer:
                 raise
@@ -249,19 +267,29 @@ class HttpGuard:
         await send({"type": "http.response.start", "status": 200 if ready else 503, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    def limited(self, receive: Receive) -> Receive:
-        """Count a body without Content-Length as it arrives; the APIs answer BodyTooLarge with 413."""
-        received = 0
-
-        async def receive_limited() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_body_bytes:
-                raise BodyTooLarge(self.max_body_bytes)
-            return message
-
-        return receive_limited
+    async def read_body(self, receive: Receive) -> bytes:
+        """The whole body, counted as it arrives (a chunked body has no other bound) and against
+        what all requests of this server hold (``bodies_held``, until they are answered)."""
+        chunks: list[bytes] = []
+        held = 0
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGoneError
+                chunk = message.get("body", b"")
+                if held + len(chunk) > self.max_body_bytes:
+                    raise BodyTooLarge(self.max_body_bytes)
+                if self.bodies_held + len(chunk) > self.bodies_budget:
+                    raise Overloaded(f"server busy: {self.bodies_held >> 20} MiB of request bodies held; retry shortly")
+                chunks.append(chunk)
+                held += len(chunk)
+                self.bodies_held += len(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+        except BaseException:
+            self.bodies_held -= held
+            raise
 
     def on_response_start(self, start: Message, rid: str, answer: dict[str, int]) -> BodyRewrite | None:
         status = answer["status"] = start["status"]
@@ -286,6 +314,16 @@ class HttpGuard:
 
 
 NOT_ASCII = "the Content-Type header must be ASCII text"
+
+
+def replayed(body: bytes, receive: Receive) -> Receive:
+    """The body, read already, as one message; then the connection's own (its disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive_replayed() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return receive_replayed
 
 
 def content_type_is_ascii(scope: Scope) -> bool:

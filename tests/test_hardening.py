@@ -15,6 +15,7 @@ import dataclasses
 import http.server
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -555,6 +556,9 @@ class Launched:
         raise AssertionError(f"no log line with {needle!r} after {timeout_s} s")
 
 
+LAUNCHED_API_WORKERS = 2
+
+
 @pytest.fixture(scope="module", params=["auto", "shared"])
 def launched(saved_model: str, request: pytest.FixtureRequest) -> Iterator[Launched]:
     """The launcher on free ports, in a BentoML home of its own (its metrics directory is
@@ -570,7 +574,7 @@ def launched(saved_model: str, request: pytest.FixtureRequest) -> Iterator[Launc
         f"launcher-{request.param}",
         {
             "services.inception_v3.runner": request.param,
-            "api_server.workers": 2,
+            "api_server.workers": LAUNCHED_API_WORKERS,
             "tracing": {
                 "exporter_type": "otlp",
                 "sample_rate": 1.0,
@@ -677,6 +681,39 @@ def test_the_start_up_log_holds_no_library_notices(launched: Launched) -> None:
     text = launched.log_text()
     for notice in ("is deprecated since BentoML", "google.protobuf.service module is deprecated", "absl::"):
         assert notice not in text
+
+
+def stalled_upload(address: str, path: str = "/predict") -> socket.socket:
+    """A request whose headers and first kilobyte arrive, and then nothing (slowloris)."""
+    host, port = split_address(address)
+    connection = socket.create_connection((host, port))
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {len(CAT)}\r\n\r\n"
+    connection.sendall(head.encode() + CAT[:1000])
+    return connection
+
+
+def test_stalled_uploads_hold_no_slot(launched: Launched) -> None:
+    """More stalled bodies than slots and queue places together: the door still answers at once."""
+    per_worker = SETTINGS.max_concurrency + SETTINGS.max_queue
+    stalled = [stalled_upload(launched.http) for _ in range(LAUNCHED_API_WORKERS * per_worker + 8)]
+    try:
+        time.sleep(1)
+        response = post_image(launched.http, CAT)
+        assert response.status_code == 200, response.text
+    finally:
+        for connection in stalled:
+            connection.close()
+
+
+def test_a_client_leaving_mid_body_is_cancelled_not_a_server_error(launched: Launched) -> None:
+    for _ in range(5):
+        stalled_upload(launched.http).close()
+    time.sleep(1)
+    samples = metric_samples(httpx.get(f"http://{launched.http}/metrics", timeout=TIMEOUT_S).text)
+    answered = "inception_v3_requests_total"
+    assert metric_value(samples, answered, protocol="http", endpoint="/predict", status="cancelled") >= 5
+    assert metric_value(samples, answered, protocol="http", endpoint="/predict", status="500") == 0
+    assert "ClientDisconnect" not in launched.log_text()
 
 
 def test_launcher_logs_client_errors_as_one_line(launched: Launched) -> None:
