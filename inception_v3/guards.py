@@ -204,7 +204,6 @@ class HttpGuard:
         self.keys = keys
         self.admission = admission
         self.max_body_bytes = max_body_bytes
-        self.bodies_budget = admission.max_concurrency * max_body_bytes
         self.bodies_held = 0
         self.retry_after_s = retry_after_s
         self.api_paths = api_paths
@@ -220,8 +219,8 @@ class HttpGuard:
         if scope["type"] != "http" or path in UNGUARDED_PATHS or path.startswith("/static"):
             if scope["type"] == "http" and not content_type_is_ascii(scope):
                 return await refuse(BadInput(NOT_ASCII), receive, send)
-            if path == "/docs.json":
-                send = rewrite_responses(send, lambda start: document_openapi if start["status"] == 200 else None)
+            if scope["type"] == "http":
+                send = rewrite_responses(send, lambda start: self.on_unguarded_start(start, path))
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         rid = headers.get(REQUEST_ID_KEY.encode(), b"").decode("latin-1")[:128] or uuid.uuid4().hex
@@ -280,7 +279,7 @@ class HttpGuard:
                 chunk = message.get("body", b"")
                 if held + len(chunk) > self.max_body_bytes:
                     raise BodyTooLarge(self.max_body_bytes)
-                if self.bodies_held + len(chunk) > self.bodies_budget:
+                if self.bodies_held + len(chunk) > self.admission.max_concurrency * self.max_body_bytes:
                     raise Overloaded(f"server busy: {self.bodies_held >> 20} MiB of request bodies held; retry shortly")
                 chunks.append(chunk)
                 held += len(chunk)
@@ -296,10 +295,18 @@ class HttpGuard:
         # One request ID, the one the logs carry: BentoML's own (a trace-context number) goes.
         kept = [(key, value) for key, value in start.get("headers", []) if key.lower() != BENTOML_REQUEST_ID]
         headers = [*kept, (REQUEST_ID_KEY.encode(), rid.encode("latin-1"))]
-        if status < 400:
-            start["headers"] = headers
-            return None
-        headers = [(k, v) for k, v in headers if k.lower() != b"content-type"]
+        start["headers"] = headers
+        return None if status < 400 else self.as_json_error(start)
+
+    def on_unguarded_start(self, start: Message, path: str) -> BodyRewrite | None:
+        """Health, metrics and docs: errors as JSON too (a 405 was Starlette's text), no request id."""
+        if start["status"] >= 400:
+            return self.as_json_error(start)
+        return document_openapi if path == "/docs.json" and start["status"] == 200 else None
+
+    def as_json_error(self, start: Message) -> BodyRewrite:
+        status = start["status"]
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-type"]
         headers.append((b"content-type", b"application/json"))
         if status in (HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE):
             headers.append((b"retry-after", str(self.retry_after_s).encode()))

@@ -150,6 +150,16 @@ def test_a_content_type_that_is_not_ascii_is_400_on_the_unguarded_routes_too(htt
     assert httpx.get(f"http://{http_address}{path}", timeout=TIMEOUT_S).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("PUT", "/livez", 405), ("DELETE", "/metrics", 405), ("POST", "/docs.json", 405), ("GET", "/static/nope", 404)],
+)
+def test_the_unguarded_routes_answer_errors_as_json_too(http_address: str, method: str, path: str, status: int) -> None:
+    response = httpx.request(method, f"http://{http_address}{path}", timeout=TIMEOUT_S)
+    assert response.status_code == status and response.headers["content-type"] == "application/json"
+    assert isinstance(response.json()["error"], str) and response.json()["error"]
+
+
 @pytest.mark.parametrize("path", ["/predict", "/v1/models/inception_v3:predict"])
 def test_http_chunked_body_over_the_size_limit(http_address: str, path: str) -> None:
     """No Content-Length to refuse up front: the body is counted as it arrives."""
