@@ -14,7 +14,10 @@ same pixels in 2.8 ms, not worth a second decoder and its wheel.
 Limits: ``max_image_pixels`` bounds what is decoded in full (every format but
 JPEG, and a JPEG after DCT scaling); ``max_jpeg_pixels`` bounds a JPEG's size as
 its header declares it, since DCT scaling decodes at most 1/64 of those pixels.
-Both are checked from the header, before any pixel is decoded.
+Both are checked from the header, before any pixel is decoded. A JPEG libjpeg
+cannot decode in one pass (progressive, or a first scan short of a component)
+counts as decoded in full: libjpeg holds all its DCT coefficients whatever the
+scale, 2 bytes a sample (a 40 MP 4:2:0 one: 116 MiB, as much as a 40 MP PNG).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import weakref
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from .errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
 
@@ -48,6 +51,17 @@ DEFAULT_LIMITS = PixelLimits()
 # ``open_image`` checks right after PIL opens it; PIL's would only answer in its words
 # instead of the configured limits', and cap those limits at its own.
 Image.MAX_IMAGE_PIXELS = None
+
+
+def read_start_of_scan(image: JpegImagePlugin.JpegImageFile, marker: int) -> None:
+    """PIL skips this segment; keep how many components the first scan holds, for ``decodes_in_one_pass``."""
+    assert image.fp is not None
+    length = int.from_bytes(image.fp.read(2), "big")
+    scan = image.fp.read(length - 2) if length > 2 else b""
+    image.info["scan_components"] = scan[0] if scan else 0
+
+
+JpegImagePlugin.MARKER[0xFFDA] = ("SOS", "Start of scan", read_start_of_scan)
 
 
 def prepare_image(data: bytes, limits: PixelLimits = DEFAULT_LIMITS) -> np.ndarray:
@@ -96,11 +110,19 @@ def open_image(data: bytes, limits: PixelLimits = DEFAULT_LIMITS) -> Image.Image
         raise UnsupportedMediaType("not a JPEG, PNG, WebP, BMP or GIF image") from None
     except (OSError, ValueError, SyntaxError) as error:
         raise InvalidImage(f"corrupt image header: {error}") from None
-    if image.format in DCT_SCALED_FORMATS:
+    if image.format not in DCT_SCALED_FORMATS:
+        check_pixels(image, limits.max_image_pixels, f"for {image.format}, which decodes in full")
+    elif decodes_in_one_pass(image):
         check_pixels(image, limits.max_jpeg_pixels, "for a JPEG")
     else:
-        check_pixels(image, limits.max_image_pixels, f"for {image.format}, which decodes in full")
+        check_pixels(image, limits.max_image_pixels, "for a progressive or multi-scan JPEG, which decodes in full")
     return image
+
+
+def decodes_in_one_pass(image: Image.Image) -> bool:
+    """A JPEG that is not progressive and whose first scan holds every component: libjpeg then
+    keeps only a row of blocks at a time, while a multi-scan one keeps all the image's coefficients."""
+    return not image.info.get("progressive") and image.info.get("scan_components") == getattr(image, "layers", None)
 
 
 def check_pixels(image: Image.Image, limit: int, what: str) -> None:

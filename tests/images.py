@@ -89,6 +89,32 @@ def png_bomb(side: int) -> bytes:
     return png_file(side, side, 8, 0, idat)
 
 
+def jpeg_declaring(width: int, height: int, progressive: bool = False) -> bytes:
+    """A 16x16 JPEG whose frame header declares ``width`` x ``height``: a few hundred bytes
+    that libjpeg decodes at that size, padding the missing blocks."""
+    data = encode(picture(16, 16), "JPEG", progressive=progressive)
+    frame = data.index(b"\xff\xc2" if progressive else b"\xff\xc0")
+    return data[: frame + 5] + struct.pack(">HH", height, width) + data[frame + 9 :]
+
+
+def jpeg_first_scan(data: bytes) -> tuple[int, int]:
+    """Where a JPEG's first start-of-scan segment begins and ends."""
+    start = data.index(b"\xff\xda")
+    return start, start + 2 + int.from_bytes(data[start + 2 : start + 4], "big")
+
+
+def jpeg_luma_scan_first(data: bytes) -> bytes:
+    """A sequential colour JPEG whose first scan holds the luma component only: it takes several scans."""
+    start, end = jpeg_first_scan(data)
+    luma_only = b"\xff\xda" + struct.pack(">HB", 8, 1) + data[start + 5 : start + 7] + bytes([0, 63, 0])
+    return data[:start] + luma_only + data[end:]
+
+
+def jpeg_header_only(data: bytes) -> bytes:
+    """A JPEG cut after its first start-of-scan segment: it cannot decode, so only its header can refuse it."""
+    return data[: jpeg_first_scan(data)[1]]
+
+
 def valid_samples() -> dict[str, bytes]:
     """Valid images of every format and mode the service takes, each classifiable."""
     rgb = picture()

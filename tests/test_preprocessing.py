@@ -18,6 +18,9 @@ from tests.conftest import CAT_JPEG
 from tests.images import (
     EXIF_ORIENTATION,
     encode,
+    jpeg_declaring,
+    jpeg_header_only,
+    jpeg_luma_scan_first,
     jpeg_with_orientation,
     picture,
     png_bomb,
@@ -136,6 +139,40 @@ def test_a_jpeg_dct_scaling_cannot_shrink_is_held_to_the_full_decode_limit() -> 
     with pytest.raises(PayloadTooLarge, match="to decode"):
         prepare_image(strip, limits)
     assert prepare_image(encode(picture(1200, 1200), "JPEG"), limits).shape == (INPUT_SIZE, INPUT_SIZE, 3)
+
+
+MULTI_SCAN_JPEGS = {
+    "progressive": lambda width, height: jpeg_declaring(width, height, progressive=True),
+    "luma-scan-first": lambda width, height: jpeg_luma_scan_first(jpeg_declaring(width, height)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MULTI_SCAN_JPEGS))
+def test_a_multi_scan_jpeg_is_held_to_the_full_decode_limit_from_its_header(name: str) -> None:
+    """libjpeg keeps every DCT coefficient of a JPEG it cannot decode in one pass, whatever the scale:
+    522 bytes declaring 65500x1800 cost 366 MiB. Refused from the header: this file has no scan data to decode."""
+    header = jpeg_header_only(MULTI_SCAN_JPEGS[name](65500, 1800))
+    with pytest.raises(
+        PayloadTooLarge, match="65500x1800 = 117900000 pixels; the limit for a progressive or multi-scan JPEG"
+    ):
+        prepare_image(header)
+
+
+@pytest.mark.parametrize("name", sorted(MULTI_SCAN_JPEGS))
+def test_a_multi_scan_jpeg_within_the_full_decode_limit_decodes(name: str) -> None:
+    make = MULTI_SCAN_JPEGS[name]
+    limits = PixelLimits(max_image_pixels=1_000_000, max_jpeg_pixels=4_000_000)
+    assert prepare_image(make(1000, 1000), limits).shape == (INPUT_SIZE, INPUT_SIZE, 3)
+    with pytest.raises(PayloadTooLarge, match="1000x1001"):
+        prepare_image(make(1000, 1001), limits)
+    assert prepare_image(make(4000, 3000)).shape == (INPUT_SIZE, INPUT_SIZE, 3)
+
+
+def test_a_baseline_jpeg_keeps_the_jpeg_limit() -> None:
+    """118 MP declared: decoded at 1/4 scale, 16375x450."""
+    assert prepare_image(jpeg_declaring(65500, 1800)).shape == (INPUT_SIZE, INPUT_SIZE, 3)
+    with pytest.raises(PayloadTooLarge, match="65500x1900 = 124450000 pixels; the limit for a JPEG is 120000000"):
+        prepare_image(jpeg_header_only(jpeg_declaring(65500, 1900)))
 
 
 # Refused from the header, before any pixel is decoded.
