@@ -14,12 +14,12 @@ HTTP (an ASGI middleware): bodies over ``max_body_bytes`` get 413 before they
 are read (a chunked body is counted as it arrives), and the body of a request
 refused before it was read is then read and dropped, up to a bound, so that
 clients that send it all before reading see the answer. A request takes its slot
-once its body has arrived: a client that sends slowly, or stalls, holds no slot
-(it held one until the timeout, so 32 stalled connections shut the door); the bodies
-arriving are bounded together by as many full-size bodies as there are slots
-(beyond: 503), no more than the admitted requests could hold before, and a client
-that leaves mid-body is one "cancelled" answer, not a 500 and a traceback; every 4xx/5xx body becomes
-TensorFlow Serving's ``{"error": "..."}``; every response carries an
+once its body has arrived, so a client that sends slowly or stalls holds none
+(when it held one until the timeout, 32 stalled connections shut the door). The
+bodies held at once are bounded by as many full-size bodies as there are slots
+(503 beyond), what the admitted requests could hold before; a client that leaves
+mid-body is one "cancelled" answer, not a 500 and a traceback. Every 4xx/5xx body,
+on every route, becomes TensorFlow Serving's ``{"error": "..."}``; every response carries an
 ``X-Request-ID`` (the client's, or a new one), and not BentoML's ``X-BentoML-Request-ID``
 beside it. ``?top_k=`` and ``?version=`` are
 read here. The OpenAPI document (``/docs.json``) gets the statuses the service
