@@ -805,16 +805,21 @@ def test_launcher_sigterm_drains_in_flight_requests_and_leaves_no_process(launch
     """Requests in flight on both doors when SIGTERM arrives are all answered; then
     every process exits, within the request timeout and the launcher's margin.
 
-    The HTTP uploads trickle in over a few seconds, so they are in flight whatever
-    the model's speed; the gRPC calls are few enough to finish well within the
-    request timeout on a slow, shared box."""
+    The HTTP uploads trickle in over a few seconds, so they are in flight (their body
+    still arriving: a request takes its slot once the body is in) whatever the model's
+    speed; the gRPC calls are few enough to finish well within the request timeout on
+    a slow, shared box."""
     tree = psutil.Process(launched.process.pid).children(recursive=True)
+    uploads_started = threading.Barrier(3)
+    uploads_sent: list[float] = []
 
     def trickled_upload() -> str:
         def chunks() -> Iterator[bytes]:
+            uploads_started.wait(timeout=TIMEOUT_S)
             for start in range(0, len(CAT), len(CAT) // 10 + 1):
                 time.sleep(0.3)
                 yield CAT[start : start + len(CAT) // 10 + 1]
+            uploads_sent.append(time.monotonic())
 
         url = f"http://{launched.http}/predict"
         return str(
@@ -830,14 +835,14 @@ def test_launcher_sigterm_drains_in_flight_requests_and_leaves_no_process(launch
     answered_before = grpc_answered(metric_samples(httpx.get(f"http://{launched.http}/metrics").text))
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(trickled_upload) for _ in range(2)] + [pool.submit(grpc_predict) for _ in range(12)]
+        uploads_started.wait(timeout=TIMEOUT_S)
         deadline = time.monotonic() + TIMEOUT_S
         while True:
             samples = metric_samples(httpx.get(f"http://{launched.http}/metrics", timeout=TIMEOUT_S).text)
-            in_flight = {p: metric_value(samples, "inception_v3_in_flight", protocol=p) for p in ("http", "grpc")}
+            in_flight = metric_value(samples, "inception_v3_in_flight", protocol="grpc")
             # Every gRPC call reached the server (one still on its way when SIGTERM came would be refused,
             # UNAVAILABLE, as a draining server must), and some are still being served.
-            arrived = in_flight["grpc"] + grpc_answered(samples) - answered_before
-            if all(in_flight.values()) and arrived >= 12:
+            if in_flight and in_flight + grpc_answered(samples) - answered_before >= 12:
                 break
             assert time.monotonic() < deadline, "requests never in flight"
             time.sleep(0.02)
@@ -845,6 +850,7 @@ def test_launcher_sigterm_drains_in_flight_requests_and_leaves_no_process(launch
         launched.process.send_signal(signal.SIGTERM)
         results = [future.result() for future in futures]
     assert results == ["200"] * 2 + ["OK"] * 12
+    assert len(uploads_sent) == 2 and min(uploads_sent) > stopped  # both bodies were still arriving
     exit_code = launched.process.wait(timeout=SETTINGS.request_timeout_s + 60)
     print(f"\nlauncher exited {time.monotonic() - stopped:.1f} s after SIGTERM, code {exit_code}")
     assert exit_code == 0
