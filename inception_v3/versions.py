@@ -49,9 +49,11 @@ DRAIN_POLL_S = 0.01
 
 
 def parse_number(text: str) -> int | None:
-    """A version number as a request writes it (a path segment, a query parameter); None if it is not one.
+    """A version number (or any count) as a request writes it (a path segment, a query parameter,
+    a header); None if it is not one.
 
-    ASCII digits only: ``str.isdigit`` also takes "²", which ``int`` refuses.
+    ASCII digits only: ``str.isdigit`` also takes "²", which ``int`` refuses; and at most
+    ``MAX_DIGITS``, where ``int`` refuses more than 4300.
     """
     return int(text) if text.isascii() and text.isdigit() and len(text) <= MAX_DIGITS else None
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import struct
 import typing as t
 from dataclasses import dataclass
@@ -313,18 +312,12 @@ def rest_response(
     )
 
 
-def ascii_length(text: str) -> float:
-    """A byte count as a header writes it, or infinity: ``str.isdigit`` takes "²", and ``int`` refuses
-    both it and more than 4300 digits."""
-    return int(text) if text.isascii() and text.isdigit() and len(text) <= 12 else math.inf
-
-
 def split_body(raw: bytes, header_length: str | None) -> tuple[dict[str, t.Any], bytes]:
     """The JSON request header and, with the binary tensor data extension, the bytes after it."""
     if header_length is None:
         header, binary = raw, b""
-    elif ascii_length(header_length) <= len(raw):
-        header, binary = raw[: int(header_length)], raw[int(header_length) :]
+    elif (length := versions.parse_number(header_length)) is not None and length <= len(raw):
+        header, binary = raw[:length], raw[length:]
     else:
         raise BadInput(f"{HEADER_LENGTH} {header_length!r} does not fit a {len(raw)}-byte body")
     try:
