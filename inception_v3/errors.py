@@ -32,6 +32,10 @@ class Unauthenticated(BentoMLException):
     error_code = HTTPStatus.UNAUTHORIZED
 
 
+class MethodNotAllowed(BentoMLException):
+    error_code = HTTPStatus.METHOD_NOT_ALLOWED
+
+
 def register_grpc_status_codes() -> None:
     import grpc
     from bentoml.grpc.utils import http_status_to_grpc_status_map

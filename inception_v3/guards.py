@@ -69,7 +69,7 @@ from .api import requested_top_k, requested_version
 from .asgi import ERROR_SCHEMA, BodyRewrite, Message, Receive, Scope, Send, rewrite_responses
 from .auth import DOCS_HTTP_PATHS, HEALTH_GRPC_METHODS, HEALTH_HTTP_PATHS, UNAUTHORIZED, ApiKeys, api_keys
 from .availability import RunnerUnavailable, RunnerWatch
-from .errors import PayloadTooLarge, Unauthenticated, register_grpc_status_codes
+from .errors import MethodNotAllowed, PayloadTooLarge, Unauthenticated, register_grpc_status_codes
 from .memory import trimmed_when_idle
 from .observability import REQUEST_ID_KEY, add_trailing_metadata, configure_logging, metrics, request_id
 from .protocols import DOORS
@@ -85,6 +85,7 @@ HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 # the same sets auth.py leaves open.
 UNGUARDED_PATHS = HEALTH_HTTP_PATHS | DOCS_HTTP_PATHS
 UNGUARDED_METHODS = HEALTH_GRPC_METHODS
+READINESS_METHODS = ("GET", "HEAD")
 DRAIN_POLL_S = 0.05
 LINGER_BYTES = 256 << 20  # of a refused request's body read and dropped, at most
 LINGER_S = 10
@@ -215,6 +216,9 @@ class HttpGuard:
             if not self.keys.allows(dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")):
                 return await refuse(Unauthenticated(UNAUTHORIZED), receive, send, [(b"www-authenticate", b"Bearer")])
         if scope["type"] == "http" and path == "/readyz":
+            if scope.get("method", "GET") not in READINESS_METHODS:
+                allow = [(b"allow", ", ".join(READINESS_METHODS).encode())]
+                return await refuse(MethodNotAllowed("/readyz answers GET and HEAD"), receive, send, allow)
             return await self.readiness(send)
         if scope["type"] != "http" or path in UNGUARDED_PATHS or path.startswith("/static"):
             if scope["type"] == "http" and not content_type_is_ascii(scope):

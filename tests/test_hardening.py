@@ -152,12 +152,25 @@ def test_a_content_type_that_is_not_ascii_is_400_on_the_unguarded_routes_too(htt
 
 @pytest.mark.parametrize(
     ("method", "path", "status"),
-    [("PUT", "/livez", 405), ("DELETE", "/metrics", 405), ("POST", "/docs.json", 405), ("GET", "/static/nope", 404)],
+    [
+        ("PUT", "/livez", 405),
+        ("POST", "/readyz", 405),
+        ("DELETE", "/metrics", 405),
+        ("POST", "/docs.json", 405),
+        ("GET", "/static/nope", 404),
+    ],
 )
 def test_the_unguarded_routes_answer_errors_as_json_too(http_address: str, method: str, path: str, status: int) -> None:
     response = httpx.request(method, f"http://{http_address}{path}", timeout=TIMEOUT_S)
     assert response.status_code == status and response.headers["content-type"] == "application/json"
     assert isinstance(response.json()["error"], str) and response.json()["error"]
+
+
+def test_readiness_answers_get_and_head_and_refuses_the_rest(http_address: str) -> None:
+    assert httpx.get(f"http://{http_address}/readyz", timeout=TIMEOUT_S).status_code == 200
+    assert httpx.head(f"http://{http_address}/readyz", timeout=TIMEOUT_S).status_code == 200
+    response = httpx.post(f"http://{http_address}/readyz", content=b"x", timeout=TIMEOUT_S)
+    assert response.status_code == 405 and response.headers["allow"] == "GET, HEAD"
 
 
 @pytest.mark.parametrize("path", ["/predict", "/v1/models/inception_v3:predict"])
