@@ -179,22 +179,23 @@ def decode_base64_image(text: str) -> bytes:
 IMAGE_SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM", b"RIFF")
 
 
-def image_from_tensor_element(value: bytes, input_name: str) -> bytes:
-    """A string tensor's element (TF Serving DT_STRING, Open Inference BYTES): an image file or its base64 text."""
-    if value.startswith(IMAGE_SIGNATURES):
+def image_from_tensor_element(value: bytes) -> bytes:
+    """A string tensor's element (TF Serving DT_STRING, Open Inference BYTES): an image file or its base64 text.
+
+    Bytes that are not ASCII cannot be base64: they go to the decoder as a file, which
+    judges them as it judges ``/predict``'s body (a TIFF: 415, a cut JPEG: 400).
+    """
+    if value.startswith(IMAGE_SIGNATURES) or not value.isascii():
         return value
-    try:
-        return decode_base64_image(value.decode("ascii"))
-    except UnicodeDecodeError:
-        raise InvalidImage(f"input '{input_name}' holds neither base64 text nor an image file") from None
+    return decode_base64_image(value.decode("ascii"))
 
 
 def json_value_to_image(value: t.Any, input_name: str) -> bytes:
     """A string tensor's element in JSON: base64 text, or TF Serving's ``{"b64": ...}``."""
     if isinstance(value, dict) and set(value) == {"b64"} and isinstance(value["b64"], str):
-        return image_from_tensor_element(decode_base64_image(value["b64"]), input_name)
+        return image_from_tensor_element(decode_base64_image(value["b64"]))
     if isinstance(value, str):
-        return image_from_tensor_element(value.encode("ascii", "replace"), input_name)
+        return image_from_tensor_element(value.encode("ascii", "replace"))
     raise InvalidImage(f"each '{input_name}' value must be a base64 string or {{\"b64\": ...}}")
 
 

@@ -114,6 +114,12 @@ HTTP_BAD_INPUT: dict[str, tuple[str, bytes, dict[str, str | bytes], int]] = {
         JSON,
         400,
     ),
+    "tf serving tiff": (
+        "/v1/models/inception_v3:predict",
+        b'{"instances": [{"b64": "' + base64.b64encode(unsupported_samples()["tiff"]) + b'"}]}',
+        JSON,
+        415,
+    ),
     "tf serving not json": ("/v1/models/inception_v3:predict", b"{", JSON, 400),
     "tf serving no inputs": ("/v1/models/inception_v3:predict", b"{}", JSON, 400),
     "tf serving nested too deep": ("/v1/models/inception_v3:predict", b"[" * 100_000, JSON, 400),

@@ -21,6 +21,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from tests.images import unsupported_samples
 from tests.test_servers import batch_size_histogram
 
 pytestmark = pytest.mark.servers
@@ -246,6 +247,15 @@ def test_grpc_malformed_tensors_are_invalid_argument(channel):
         with pytest.raises(grpc.RpcError) as error:
             stub.Predict(request, 10)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
+
+
+def test_grpc_an_image_in_a_format_not_served_is_named_as_such(channel):
+    """A TIFF's bytes, as /predict would judge them (415 there), not as broken base64."""
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Predict(predict_request([unsupported_samples()["tiff"]]), 10)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a JPEG, PNG, WebP, BMP or GIF image" in error.value.details()
 
 
 def test_tf_serving_and_bentoml_requests_share_runner_batches(http_address, rest, cat_jpeg):

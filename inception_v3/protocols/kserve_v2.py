@@ -259,7 +259,7 @@ def rest_images(body: dict[str, t.Any], binary: bytes) -> list[bytes]:
         raise BadInput(f"input '{INPUT_NAME}': binary_data_size {size!r} does not match the {len(binary)} bytes sent")
     elements = split_bytes_elements(binary)
     check_input(tensor.get("name"), tensor.get("datatype"), tensor.get("shape"), len(elements))
-    return [image_from_tensor_element(element, INPUT_NAME) for element in elements]
+    return [image_from_tensor_element(element) for element in elements]
 
 
 def rest_outputs(body: dict[str, t.Any]) -> list[RequestedOutput]:
@@ -407,7 +407,7 @@ def grpc_images(request: t.Any) -> list[bytes]:
     else:
         elements = list(tensor.contents.bytes_contents)
     check_input(tensor.name, tensor.datatype, list(tensor.shape), len(elements))
-    return [image_from_tensor_element(element, INPUT_NAME) for element in elements]
+    return [image_from_tensor_element(element) for element in elements]
 
 
 def grpc_outputs(request: t.Any) -> list[RequestedOutput]:

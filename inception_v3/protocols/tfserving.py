@@ -276,7 +276,7 @@ def grpc_servicers(model: ServedModel) -> list[tuple[type, t.Callable[..., None]
                     if tensor.dtype != pb.types_pb2.DT_STRING:
                         raise BadInput(f"input '{INPUT_NAME}' must be DT_STRING")
                     labels, classified = await model.predict_labels(
-                        [image_from_tensor_element(v, INPUT_NAME) for v in tensor.string_val], version
+                        [image_from_tensor_element(v) for v in tensor.string_val], version
                     )
             except BentoMLException as exc:
                 await abort_with(context, exc)
