@@ -118,7 +118,7 @@ HTTP_BAD_INPUT: dict[str, tuple[str, bytes, dict[str, str | bytes], int]] = {
         "/v1/models/inception_v3:predict",
         b'{"instances": [{"b64": "' + base64.b64encode(unsupported_samples()["tiff"]) + b'"}]}',
         JSON,
-        415,
+        400,
     ),
     "tf serving not json": ("/v1/models/inception_v3:predict", b"{", JSON, 400),
     "tf serving no inputs": ("/v1/models/inception_v3:predict", b"{}", JSON, 400),

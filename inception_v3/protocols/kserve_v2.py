@@ -46,7 +46,7 @@ from tritonclient.grpc import service_pb2 as pb
 from .. import openapi, versions
 from ..api import image_from_tensor_element, json_value_to_image
 from ..availability import RunnerUnavailable
-from ..errors import InvalidImage, ModelNotFound, UnsupportedMediaType
+from ..errors import ModelNotFound
 from ..labels import NUM_CLASSES, top_k_indices
 from . import Door, VersionedModel
 
@@ -187,10 +187,7 @@ class ServedModel(VersionedModel):
     ) -> tuple[list[Output], str, dict[str, str]]:
         """The outputs, the version that answered, and the response's parameters (a random model's warning)."""
         self.check_outputs(requested)
-        try:
-            classified = await self.classifier.classify_files(images, version)
-        except UnsupportedMediaType as error:  # a tensor element, not the HTTP body, is of the wrong type
-            raise InvalidImage(error.message) from None
+        classified = await self.classifier.classify_tensor_elements(images, version)
         wanted = requested or map(RequestedOutput, OUTPUT_SHAPES)
         outputs = [self.output(request, classified.probabilities) for request in wanted]
         return outputs, str(classified.version), {WARNING: classified.warning} if classified.warning else {}

@@ -115,7 +115,7 @@ class ServedModel(VersionedModel):
     async def predict_labels(self, images: list[bytes], version: int | None) -> tuple[list[str], Classified]:
         if not images:
             raise BadInput(f"input '{INPUT_NAME}' is empty: send at least one image")
-        classified = await self.classifier.classify_files(images, version)
+        classified = await self.classifier.classify_tensor_elements(images, version)
         return [top_k(row, self.classifier.class_names, 1)[0][0] for row in classified.probabilities], classified
 
     def signature_def_map(self) -> t.Any:
