@@ -183,7 +183,7 @@ def image_from_tensor_element(value: bytes) -> bytes:
     """A string tensor's element (TF Serving DT_STRING, Open Inference BYTES): an image file or its base64 text.
 
     Bytes that are not ASCII cannot be base64: they go to the decoder as a file, which
-    judges them as it judges ``/predict``'s body (a TIFF: 415, a cut JPEG: 400).
+    names what is wrong with them as it does for ``/predict``'s body (a TIFF, a cut JPEG).
     """
     if value.startswith(IMAGE_SIGNATURES) or not value.isascii():
         return value

@@ -216,7 +216,7 @@ class HttpGuard:
             if not self.keys.allows(dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")):
                 return await refuse(Unauthenticated(UNAUTHORIZED), receive, send, [(b"www-authenticate", b"Bearer")])
         if scope["type"] == "http" and path == "/readyz":
-            if scope.get("method", "GET") not in READINESS_METHODS:
+            if scope["method"] not in READINESS_METHODS:
                 allow = [(b"allow", ", ".join(READINESS_METHODS).encode())]
                 return await refuse(MethodNotAllowed("/readyz answers GET and HEAD"), receive, send, allow)
             return await self.readiness(send)

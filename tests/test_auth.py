@@ -206,7 +206,7 @@ def test_health_needs_a_key_when_protected(tmp_path: Path, protect: bool) -> Non
         async def send(message: dict) -> None:
             sent.append(message)
 
-        await guard({"type": "http", "path": "/readyz", "headers": []}, receive, send)
+        await guard({"type": "http", "method": "GET", "path": "/readyz", "headers": []}, receive, send)
         if guard.admission.runner.task:
             guard.admission.runner.task.cancel()
 
