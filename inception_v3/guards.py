@@ -218,7 +218,8 @@ class HttpGuard:
         if scope["type"] == "http" and path == "/readyz":
             if scope["method"] not in READINESS_METHODS:
                 allow = [(b"allow", ", ".join(READINESS_METHODS).encode())]
-                return await refuse(MethodNotAllowed("/readyz answers GET and HEAD"), receive, send, allow)
+                answers = " and ".join(READINESS_METHODS)
+                return await refuse(MethodNotAllowed(f"/readyz answers {answers}"), receive, send, allow)
             return await self.readiness(send)
         if scope["type"] != "http" or path in UNGUARDED_PATHS or path.startswith("/static"):
             if scope["type"] == "http" and not content_type_is_ascii(scope):
