@@ -17,7 +17,8 @@ its header declares it, since DCT scaling decodes at most 1/64 of those pixels.
 Both are checked from the header, before any pixel is decoded. A JPEG libjpeg
 cannot decode in one pass (progressive, or a first scan short of a component)
 counts as decoded in full: libjpeg holds all its DCT coefficients whatever the
-scale, 2 bytes a sample (a 40 MP 4:2:0 one: 116 MiB, as much as a 40 MP PNG).
+scale, 2 bytes a sample (a 40 MP 4:2:0 one: 116 MiB, as much as a 40 MP PNG). So
+does a lossless JPEG: it has no DCT to scale (libjpeg fails on ``draft()``'s scale).
 """
 
 from __future__ import annotations
@@ -61,16 +62,26 @@ def read_start_of_scan(image: JpegImagePlugin.JpegImageFile, marker: int) -> Non
     image.info["scan_components"] = scan[0] if scan else 0
 
 
+def read_lossless_frame(image: JpegImagePlugin.JpegImageFile, marker: int) -> None:
+    JpegImagePlugin.SOF(image, marker)
+    image.info["lossless"] = True
+
+
 JpegImagePlugin.MARKER[0xFFDA] = ("SOS", "Start of scan", read_start_of_scan)
+LOSSLESS_FRAMES = (0xFFC3, 0xFFC7, 0xFFCB, 0xFFCF)  # ITU T.81 table B.1: the lossless processes' frame headers
+JpegImagePlugin.MARKER.update(
+    {marker: (*JpegImagePlugin.MARKER[marker][:2], read_lossless_frame) for marker in LOSSLESS_FRAMES}
+)
 
 
 def prepare_image(data: bytes, limits: PixelLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Return the (299, 299, 3) uint8 RGB array the model takes for ``data``."""
     image = open_image(data, limits)
     try:
-        # JPEG only: let libjpeg scale down by 1/2, 1/4 or 1/8 while decoding,
-        # never below the model's input size. A 12 MP photo decodes 5x faster.
-        image.draft("RGB", (INPUT_SIZE, INPUT_SIZE))
+        if not image.info.get("lossless"):
+            # JPEG only: let libjpeg scale down by 1/2, 1/4 or 1/8 while decoding,
+            # never below the model's input size. A 12 MP photo decodes 5x faster.
+            image.draft("RGB", (INPUT_SIZE, INPUT_SIZE))
         check_pixels(image, limits.max_image_pixels, "to decode")
         ImageOps.exif_transpose(image, in_place=True)  # a copy otherwise, even when upright
         image = to_rgb(image)
@@ -112,6 +123,8 @@ def open_image(data: bytes, limits: PixelLimits = DEFAULT_LIMITS) -> Image.Image
         raise InvalidImage(f"corrupt image header: {error}") from None
     if image.format not in DCT_SCALED_FORMATS:
         check_pixels(image, limits.max_image_pixels, f"for {image.format}, which decodes in full")
+    elif image.info.get("lossless"):
+        check_pixels(image, limits.max_image_pixels, "for a lossless JPEG, which decodes in full")
     elif decodes_in_one_pass(image):
         check_pixels(image, limits.max_jpeg_pixels, "for a JPEG")
     else:

@@ -115,6 +115,10 @@ def jpeg_header_only(data: bytes) -> bytes:
     return data[: jpeg_first_scan(data)[1]]
 
 
+# Both sides at least twice the model's input: DCT scaling would halve a DCT JPEG this size.
+LOSSLESS_JPEG_PICTURE = picture(600, 600)
+
+
 def valid_samples() -> dict[str, bytes]:
     """Valid images of every format and mode the service takes, each classifiable."""
     rgb = picture()
@@ -132,6 +136,7 @@ def valid_samples() -> dict[str, bytes]:
         "jpeg-grayscale": encode(gray, "JPEG", quality=95),
         "jpeg-cmyk": encode(rgb.convert("CMYK"), "JPEG", quality=95),
         "jpeg-exif-rotated": jpeg_with_orientation(stored_for_orientation(rgb, 6), 6),
+        "jpeg-lossless": lossless_jpeg(LOSSLESS_JPEG_PICTURE),
         "png": encode(rgb, "PNG"),
         "png-rgba": encode(rgba, "PNG"),
         "png-la": encode(rgba.convert("LA"), "PNG"),
@@ -161,3 +166,45 @@ def unsupported_samples() -> dict[str, bytes]:
     """Real images in formats the service does not take (415)."""
     rgb = picture()
     return {"tiff": encode(rgb, "TIFF"), "ico": encode(rgb, "ICO"), "pdf": encode(rgb, "PDF")}
+
+
+def lossless_jpeg(image: Image.Image) -> bytes:
+    """A lossless JPEG (SOF3, ITU T.81 annex H) of an L or RGB ``image``, which PIL cannot write.
+
+    Predictor 1 (the sample to the left; the one above at a row's start, 128 at the
+    first); one Huffman table giving each difference category 0-8 a 4-bit code. Colour
+    components are named R, G, B, so libjpeg decodes them without a YCbCr conversion.
+    """
+    samples = np.asarray(image, dtype=np.int32).reshape(image.height, image.width, -1)
+    predicted = np.empty_like(samples)
+    predicted[:, 1:] = samples[:, :-1]
+    predicted[1:, 0] = samples[:-1, 0]
+    predicted[0, 0] = 128
+    differences = (samples - predicted).ravel()  # in scan order: row by row, a pixel's components together
+    categories = np.frexp(np.abs(differences))[1].astype(np.int64)  # the bit length of |difference|
+    extra_bits = np.where(differences < 0, differences + (1 << categories) - 1, differences)
+    codes = (categories << categories | extra_bits).astype(np.uint64)
+    lengths = 4 + categories
+    left_aligned = (codes << (64 - lengths).astype(np.uint64)).astype(">u8")
+    bits = np.unpackbits(left_aligned.view(np.uint8)).reshape(-1, 64)[np.arange(64) < lengths[:, None]]
+    bits = np.concatenate([bits, np.ones(-len(bits) % 8, np.uint8)])  # padded with 1-bits
+    scan = np.packbits(bits).tobytes().replace(b"\xff", b"\xff\x00")
+
+    components = samples.shape[2]
+    names = b"RGB" if components == 3 else b"\x01"
+
+    def segment(marker: int, payload: bytes) -> bytes:
+        return struct.pack(">HH", marker, len(payload) + 2) + payload
+
+    frame = struct.pack(">BHHB", 8, image.height, image.width, components)
+    frame += b"".join(bytes([name, 0x11, 0]) for name in names)
+    huffman_table = b"\x00" + bytes([0, 0, 0, 9] + [0] * 12) + bytes(range(9))
+    start_of_scan = bytes([components]) + b"".join(bytes([name, 0]) for name in names) + bytes([1, 0, 0])
+    return (
+        b"\xff\xd8"
+        + segment(0xFFC3, frame)
+        + segment(0xFFC4, huffman_table)
+        + segment(0xFFDA, start_of_scan)
+        + scan
+        + b"\xff\xd9"
+    )

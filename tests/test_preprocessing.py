@@ -17,11 +17,13 @@ from inception_v3.preprocessing import INPUT_SIZE, PixelLimits, prepare_image, r
 from tests.conftest import CAT_JPEG
 from tests.images import (
     EXIF_ORIENTATION,
+    LOSSLESS_JPEG_PICTURE,
     encode,
     jpeg_declaring,
     jpeg_header_only,
     jpeg_luma_scan_first,
     jpeg_with_orientation,
+    lossless_jpeg,
     picture,
     png_bomb,
     png_header_only,
@@ -48,6 +50,13 @@ def test_every_format_and_mode_gives_the_model_input(name: str) -> None:
 @pytest.mark.parametrize("name", ["png", "bmp", "png-16bit-rgb"])
 def test_lossless_files_give_the_pictures_pixels(name: str) -> None:
     assert np.array_equal(prepare_image(SAMPLES[name]), UPRIGHT)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_lossless_jpeg_gives_the_pictures_pixels(mode: str) -> None:
+    """No DCT, so no scaling while decoding: libjpeg refuses to, so it decodes in full."""
+    image = LOSSLESS_JPEG_PICTURE.convert(mode)
+    assert np.array_equal(prepare_image(lossless_jpeg(image)), prepare_image(encode(image, "PNG")))
 
 
 @pytest.mark.parametrize("name", ["jpeg", "jpeg-progressive", "jpeg-cmyk", "webp"])
@@ -166,6 +175,15 @@ def test_a_multi_scan_jpeg_within_the_full_decode_limit_decodes(name: str) -> No
     with pytest.raises(PayloadTooLarge, match="1000x1001"):
         prepare_image(make(1000, 1001), limits)
     assert prepare_image(make(4000, 3000)).shape == (INPUT_SIZE, INPUT_SIZE, 3)
+
+
+def test_a_lossless_jpeg_is_held_to_the_full_decode_limit_from_its_header() -> None:
+    limits = PixelLimits(max_image_pixels=1_000_000, max_jpeg_pixels=4_000_000)
+    assert prepare_image(lossless_jpeg(picture(1000, 1000)), limits).shape == (INPUT_SIZE, INPUT_SIZE, 3)
+    with pytest.raises(
+        PayloadTooLarge, match="1000x1001 = 1001000 pixels; the limit for a lossless JPEG, which decodes"
+    ):
+        prepare_image(jpeg_header_only(lossless_jpeg(picture(1000, 1001))), limits)
 
 
 def test_a_baseline_jpeg_keeps_the_jpeg_limit() -> None:
