@@ -62,15 +62,27 @@ def read_start_of_scan(image: JpegImagePlugin.JpegImageFile, marker: int) -> Non
     image.info["scan_components"] = scan[0] if scan else 0
 
 
-def read_lossless_frame(image: JpegImagePlugin.JpegImageFile, marker: int) -> None:
+def read_frame(image: JpegImagePlugin.JpegImageFile, marker: int) -> None:
+    """PIL's frame reader, after naming what it would refuse as no JPEG at all: samples of
+    other than 8 bits (medical and lossless JPEGs use 12 or 16). Marks a lossless frame."""
+    assert image.fp is not None
+    length_and_precision = image.fp.read(3)
+    image.fp.seek(-len(length_and_precision), io.SEEK_CUR)
+    if len(length_and_precision) == 3 and (bits := length_and_precision[2]) != 8:
+        raise UnsupportedMediaType(f"a {bits}-bit JPEG: only 8-bit JPEGs are served")
     JpegImagePlugin.SOF(image, marker)
-    image.info["lossless"] = True
+    if marker in LOSSLESS_FRAMES:
+        image.info["lossless"] = True
 
 
-JpegImagePlugin.MARKER[0xFFDA] = ("SOS", "Start of scan", read_start_of_scan)
 LOSSLESS_FRAMES = (0xFFC3, 0xFFC7, 0xFFCB, 0xFFCF)  # ITU T.81 table B.1: the lossless processes' frame headers
+JpegImagePlugin.MARKER[0xFFDA] = ("SOS", "Start of scan", read_start_of_scan)
 JpegImagePlugin.MARKER.update(
-    {marker: (*JpegImagePlugin.MARKER[marker][:2], read_lossless_frame) for marker in LOSSLESS_FRAMES}
+    {
+        marker: (name, description, read_frame)
+        for marker, (name, description, handler) in JpegImagePlugin.MARKER.items()
+        if handler is JpegImagePlugin.SOF
+    }
 )
 
 

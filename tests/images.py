@@ -97,6 +97,15 @@ def jpeg_declaring(width: int, height: int, progressive: bool = False) -> bytes:
     return data[: frame + 5] + struct.pack(">HH", height, width) + data[frame + 9 :]
 
 
+def jpeg_declaring_bits(data: bytes, bits: int) -> bytes:
+    """A JPEG whose frame header declares ``bits``-bit samples. Walks the segments: an
+    EXIF thumbnail inside APP1 holds a frame header of its own."""
+    position = 2
+    while data[position + 1] not in (0xC0, 0xC1, 0xC2, 0xC3):
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return data[: position + 4] + bytes([bits]) + data[position + 5 :]
+
+
 def jpeg_first_scan(data: bytes) -> tuple[int, int]:
     """Where a JPEG's first start-of-scan segment begins and ends."""
     start = data.index(b"\xff\xda")

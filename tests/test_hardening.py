@@ -41,7 +41,15 @@ from client import request_inception_v3 as client
 from inception_v3 import engines
 from inception_v3.settings import load_settings, read_settings
 from tests.conftest import CAT_JPEG, split_address, start_launcher
-from tests.images import encode, picture, png_bomb, png_header_only, unsupported_samples, valid_samples
+from tests.images import (
+    encode,
+    jpeg_declaring_bits,
+    picture,
+    png_bomb,
+    png_header_only,
+    unsupported_samples,
+    valid_samples,
+)
 
 pytestmark = pytest.mark.servers
 
@@ -74,6 +82,7 @@ HTTP_BAD_INPUT: dict[str, tuple[str, bytes, dict[str, str | bytes], int]] = {
     "unknown route, content type not ascii": ("/nope", b"", {"Content-Type": b"a\xe9"}, 400),
     "json content type": ("/predict", b'{"image": "cat"}', JSON, 415),
     "tiff": ("/predict", unsupported_samples()["tiff"], {"Content-Type": "image/tiff"}, 415),
+    "12-bit jpeg": ("/predict", jpeg_declaring_bits(CAT, 12), {"Content-Type": "image/jpeg"}, 415),
     "pdf as png": ("/predict", unsupported_samples()["pdf"], {"Content-Type": "image/png"}, 415),
     "png bomb 30000x30000": ("/predict", png_bomb(30000), {"Content-Type": "image/png"}, 413),
     "over the pixel limit": ("/predict", png_header_only(7000, 7000), {"Content-Type": "image/png"}, 413),
@@ -279,6 +288,7 @@ GRPC_BAD_INPUT: dict[str, tuple[Any, list[tuple[str, str]] | None, str]] = {
     "text": (image_request(b"hello, world"), None, "INVALID_ARGUMENT"),
     "truncated jpeg": (image_request(CAT[: len(CAT) // 2]), None, "INVALID_ARGUMENT"),
     "tiff": (image_request(unsupported_samples()["tiff"]), None, "INVALID_ARGUMENT"),
+    "12-bit jpeg": (image_request(jpeg_declaring_bits(CAT, 12)), None, "INVALID_ARGUMENT"),
     "png bomb 30000x30000": (image_request(png_bomb(30000)), None, "RESOURCE_EXHAUSTED"),
     "over the pixel limit": (image_request(png_header_only(7000, 7000)), None, "RESOURCE_EXHAUSTED"),
     "unknown api": (image_request(CAT, api_name="no_such_api"), None, "INVALID_ARGUMENT"),

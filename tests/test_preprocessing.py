@@ -5,6 +5,7 @@ gives the model the right pixels, and every bad input raises the client error
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -20,6 +21,7 @@ from tests.images import (
     LOSSLESS_JPEG_PICTURE,
     encode,
     jpeg_declaring,
+    jpeg_declaring_bits,
     jpeg_header_only,
     jpeg_luma_scan_first,
     jpeg_with_orientation,
@@ -184,6 +186,14 @@ def test_a_lossless_jpeg_is_held_to_the_full_decode_limit_from_its_header() -> N
         PayloadTooLarge, match="1000x1001 = 1001000 pixels; the limit for a lossless JPEG, which decodes"
     ):
         prepare_image(jpeg_header_only(lossless_jpeg(picture(1000, 1001))), limits)
+
+
+@pytest.mark.parametrize("make", [lambda: encode(picture(), "JPEG"), lambda: lossless_jpeg(picture())])
+@pytest.mark.parametrize("bits", [12, 16])
+def test_a_jpeg_of_more_than_8_bits_is_refused_by_name(make: Callable[[], bytes], bits: int) -> None:
+    """PIL decodes 8-bit samples only; without a word of ours it would call the file no JPEG at all."""
+    with pytest.raises(UnsupportedMediaType, match=f"a {bits}-bit JPEG: only 8-bit JPEGs are served"):
+        prepare_image(jpeg_declaring_bits(make(), bits))
 
 
 def test_a_baseline_jpeg_keeps_the_jpeg_limit() -> None:
