@@ -64,12 +64,17 @@ def read_start_of_scan(image: JpegImagePlugin.JpegImageFile, marker: int) -> Non
 
 def read_frame(image: JpegImagePlugin.JpegImageFile, marker: int) -> None:
     """PIL's frame reader, after naming what it would refuse as no JPEG at all: samples of
-    other than 8 bits (medical and lossless JPEGs use 12 or 16). Marks a lossless frame."""
+    other than 8 bits (medical and lossless JPEGs use 12 or 16), or of a precision no JPEG
+    has. Marks a lossless frame."""
     assert image.fp is not None
     length_and_precision = image.fp.read(3)
     image.fp.seek(-len(length_and_precision), io.SEEK_CUR)
-    if len(length_and_precision) == 3 and (bits := length_and_precision[2]) != 8:
-        raise UnsupportedMediaType(f"a {bits}-bit JPEG: only 8-bit JPEGs are served")
+    if len(length_and_precision) == 3 and int.from_bytes(length_and_precision[:2], "big") >= 8:
+        bits = length_and_precision[2]
+        if not 2 <= bits <= 16:  # ITU T.81's range
+            raise InvalidImage(f"corrupt image header: a JPEG frame of {bits}-bit samples")
+        if bits != 8:
+            raise UnsupportedMediaType(f"a {bits}-bit JPEG: only 8-bit JPEGs are served")
     JpegImagePlugin.SOF(image, marker)
     if marker in LOSSLESS_FRAMES:
         image.info["lossless"] = True

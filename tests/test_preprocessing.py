@@ -196,6 +196,12 @@ def test_a_jpeg_of_more_than_8_bits_is_refused_by_name(make: Callable[[], bytes]
         prepare_image(jpeg_declaring_bits(make(), bits))
 
 
+@pytest.mark.parametrize("bits", [0, 1, 17, 255])
+def test_a_jpeg_frame_of_a_precision_no_jpeg_has_is_corrupt(bits: int) -> None:
+    with pytest.raises(InvalidImage, match=f"corrupt image header: a JPEG frame of {bits}-bit samples"):
+        prepare_image(jpeg_declaring_bits(encode(picture(), "JPEG"), bits))
+
+
 def test_a_baseline_jpeg_keeps_the_jpeg_limit() -> None:
     """118 MP declared: decoded at 1/4 scale, 16375x450."""
     assert prepare_image(jpeg_declaring(65500, 1800)).shape == (INPUT_SIZE, INPUT_SIZE, 3)
