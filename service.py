@@ -42,7 +42,7 @@ classifier = Classifier(runner, bento_model, settings)
 
 
 @svc.api(
-    input=ImageUpload(settings.pixel_limits),
+    input=ImageUpload(settings.decode_limits),
     output=JSON(pydantic_model=Prediction),
     route="predict",
 )

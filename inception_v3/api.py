@@ -16,7 +16,7 @@ from starlette.requests import Request
 from .errors import InvalidImage, UnsupportedMediaType
 from .labels import top_k
 from .legacy import JSON, Image
-from .preprocessing import SUPPORTED_MEDIA_TYPES, PixelLimits, read_image
+from .preprocessing import SUPPORTED_MEDIA_TYPES, DecodeLimits, read_image
 
 if t.TYPE_CHECKING:
     from bentoml.grpc.v1 import service_pb2 as pb
@@ -84,7 +84,7 @@ class ImageUpload(Image, proto_fields=Image.proto_fields):
     with 4xx instead of 500, and keeps ``Image``'s OpenAPI schema and client spec.
     """
 
-    def __init__(self, limits: PixelLimits) -> None:
+    def __init__(self, limits: DecodeLimits) -> None:
         # PNG: what BentoML's client encodes images as before sending them (lossless).
         super().__init__(mime_type="image/png", allowed_mime_types=SUPPORTED_MEDIA_TYPES)
         self.limits = limits

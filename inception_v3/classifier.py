@@ -86,7 +86,7 @@ class Classifier:
             raise InvalidImage(error.message) from None
 
     async def read(self, data: bytes) -> np.ndarray:
-        return await read_image(data, self.settings.pixel_limits)
+        return await read_image(data, self.settings.decode_limits)
 
     async def model_status(self) -> list[dict[str, t.Any]]:
         """Every version the runner knows, newest first: number, state, error, tag, metadata, engine."""

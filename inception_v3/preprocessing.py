@@ -19,6 +19,8 @@ cannot decode in one pass (progressive, or a first scan short of a component)
 counts as decoded in full: libjpeg holds all its DCT coefficients whatever the
 scale, 2 bytes a sample (a 40 MP 4:2:0 one: 116 MiB, as much as a 40 MP PNG). So
 does a lossless JPEG: it has no DCT to scale (libjpeg fails on ``draft()``'s scale).
+``max_jpeg_scans`` bounds a JPEG's scans, counted in its bytes: libjpeg passes over
+all the coefficients at each one, and a scan can be a few dozen bytes.
 """
 
 from __future__ import annotations
@@ -41,12 +43,13 @@ DCT_SCALED_FORMATS = ("JPEG", "MPO")
 
 
 @dataclass(frozen=True)
-class PixelLimits:
+class DecodeLimits:
     max_image_pixels: int = 40_000_000  # decoded in full
     max_jpeg_pixels: int = 120_000_000  # declared by a JPEG header, decoded with DCT scaling
+    max_jpeg_scans: int = 100  # libjpeg walks all the coefficients at each scan: 22 ms a scan at 36 MP
 
 
-DEFAULT_LIMITS = PixelLimits()
+DEFAULT_LIMITS = DecodeLimits()
 
 # PIL's own bomb check (an error over 179 MP) reads the same header as ours, which
 # ``open_image`` checks right after PIL opens it; PIL's would only answer in its words
@@ -60,6 +63,7 @@ def read_start_of_scan(image: JpegImagePlugin.JpegImageFile, marker: int) -> Non
     length = int.from_bytes(image.fp.read(2), "big")
     scan = image.fp.read(length - 2) if length > 2 else b""
     image.info["scan_components"] = scan[0] if scan else 0
+    image.info["first_scan_at"] = image.fp.tell() - len(scan) - 4
 
 
 def read_frame(image: JpegImagePlugin.JpegImageFile, marker: int) -> None:
@@ -91,7 +95,7 @@ JpegImagePlugin.MARKER.update(
 )
 
 
-def prepare_image(data: bytes, limits: PixelLimits = DEFAULT_LIMITS) -> np.ndarray:
+def prepare_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Return the (299, 299, 3) uint8 RGB array the model takes for ``data``."""
     image = open_image(data, limits)
     try:
@@ -112,7 +116,7 @@ decoding = 0  # read_image calls in progress in this process: the batches of an 
 decodes_ended: weakref.WeakSet[asyncio.Event] = weakref.WeakSet()  # set as each read_image call ends
 
 
-async def read_image(data: bytes, limits: PixelLimits = DEFAULT_LIMITS) -> np.ndarray:
+async def read_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
     """``prepare_image`` in a thread, so an API worker's event loop goes on serving meanwhile.
 
     Once this returns, its caller queues the pixels for the model without a pause of the
@@ -128,7 +132,7 @@ async def read_image(data: bytes, limits: PixelLimits = DEFAULT_LIMITS) -> np.nd
             event.set()
 
 
-def open_image(data: bytes, limits: PixelLimits = DEFAULT_LIMITS) -> Image.Image:
+def open_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Image.Image:
     """Read the header only: format and size are known before any pixel is decoded."""
     if not data:
         raise InvalidImage("empty request body: send the image file's bytes")
@@ -140,6 +144,9 @@ def open_image(data: bytes, limits: PixelLimits = DEFAULT_LIMITS) -> Image.Image
         raise InvalidImage(f"corrupt image header: {error}") from None
     if image.format not in DCT_SCALED_FORMATS:
         check_pixels(image, limits.max_image_pixels, f"for {image.format}, which decodes in full")
+    elif (scans := data.count(b"\xff\xda", image.info.get("first_scan_at", 0))) > limits.max_jpeg_scans:
+        # Each scan marker's bytes, which entropy-coded data cannot hold (an 0xFF there is followed by 0).
+        raise PayloadTooLarge(f"the JPEG has {scans} scans; the limit is {limits.max_jpeg_scans}")
     elif image.info.get("lossless"):
         check_pixels(image, limits.max_image_pixels, "for a lossless JPEG, which decodes in full")
     elif decodes_in_one_pass(image):

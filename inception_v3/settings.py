@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from .engines import engine_here
-from .preprocessing import PixelLimits
+from .preprocessing import DecodeLimits
 from .versions import VersionPolicy
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +41,7 @@ class Settings:
     runner: str  # as configured: auto, shared or embedded (see embedded_runner)
     default_top_k: int
     max_body_bytes: int
-    pixel_limits: PixelLimits
+    decode_limits: DecodeLimits
     max_images_per_request: int
     request_timeout_s: float
     max_concurrency: int
@@ -115,7 +115,11 @@ def read_settings(path: Path) -> Settings:
         runner=runner_mode(os.environ.get("INCEPTION_V3_RUNNER", own.get("runner", "auto"))),
         default_top_k=own["default_top_k"],
         max_body_bytes=own["max_body_bytes"],
-        pixel_limits=PixelLimits(max_image_pixels=own["max_image_pixels"], max_jpeg_pixels=own["max_jpeg_pixels"]),
+        decode_limits=DecodeLimits(
+            max_image_pixels=own["max_image_pixels"],
+            max_jpeg_pixels=own["max_jpeg_pixels"],
+            max_jpeg_scans=own.get("max_jpeg_scans", DecodeLimits.max_jpeg_scans),
+        ),
         max_images_per_request=own["max_images_per_request"],
         request_timeout_s=api_server["traffic"]["timeout"],
         max_concurrency=own["max_concurrency"],

@@ -106,6 +106,13 @@ def jpeg_declaring_bits(data: bytes, bits: int) -> bytes:
     return data[: position + 4] + bytes([bits]) + data[position + 5 :]
 
 
+def jpeg_with_repeated_scans(data: bytes, repeats: int) -> bytes:
+    """``data``'s last scan ``repeats`` times more: each a pass of libjpeg's over every coefficient
+    (ITU T.81 allows it; libjpeg warns and goes on). A scan of 82 bytes costs 22 ms at 36 MP."""
+    last_scan = data.rindex(b"\xff\xda")
+    return data[:-2] + data[last_scan:-2] * repeats + data[-2:]
+
+
 def jpeg_first_scan(data: bytes) -> tuple[int, int]:
     """Where a JPEG's first start-of-scan segment begins and ends."""
     start = data.index(b"\xff\xda")

@@ -18,14 +18,14 @@ from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
 
 from inception_v3.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
-from inception_v3.preprocessing import INPUT_SIZE, PixelLimits, prepare_image
+from inception_v3.preprocessing import INPUT_SIZE, DecodeLimits, prepare_image
 from inception_v3.protocols import kserve_v2
 from tests.images import valid_samples
 
 CLIENT_ERRORS = (InvalidImage, PayloadTooLarge, UnsupportedMediaType)
 # Small, so that headers mutated to declare large images are refused before any
 # big allocation; the path is the same for any limit.
-LIMITS = PixelLimits(max_image_pixels=1_000_000, max_jpeg_pixels=4_000_000)
+LIMITS = DecodeLimits(max_image_pixels=1_000_000, max_jpeg_pixels=4_000_000)
 SEEDS = valid_samples()
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

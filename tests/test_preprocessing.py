@@ -14,7 +14,7 @@ from bentoml.grpc.utils import grpc_status_code
 from PIL import Image
 
 from inception_v3.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType, register_grpc_status_codes
-from inception_v3.preprocessing import INPUT_SIZE, PixelLimits, prepare_image, read_image
+from inception_v3.preprocessing import INPUT_SIZE, DecodeLimits, prepare_image, read_image
 from tests.conftest import CAT_JPEG
 from tests.images import (
     EXIF_ORIENTATION,
@@ -25,6 +25,7 @@ from tests.images import (
     jpeg_header_only,
     jpeg_luma_scan_first,
     jpeg_with_orientation,
+    jpeg_with_repeated_scans,
     lossless_jpeg,
     picture,
     png_bomb,
@@ -125,9 +126,9 @@ def test_large_photo_within_the_limit() -> None:
 
 def test_pixel_limit_counts_width_times_height() -> None:
     image = encode(picture(100, 50), "PNG")
-    assert prepare_image(image, PixelLimits(max_image_pixels=5000)).shape == (INPUT_SIZE, INPUT_SIZE, 3)
+    assert prepare_image(image, DecodeLimits(max_image_pixels=5000)).shape == (INPUT_SIZE, INPUT_SIZE, 3)
     with pytest.raises(PayloadTooLarge, match="100x50"):
-        prepare_image(image, PixelLimits(max_image_pixels=4999))
+        prepare_image(image, DecodeLimits(max_image_pixels=4999))
 
 
 def test_a_50_megapixel_jpeg_is_decoded_with_dct_scaling() -> None:
@@ -146,7 +147,7 @@ def test_an_image_over_pils_own_limit_is_refused_in_the_configured_limits_words(
 def test_a_jpeg_dct_scaling_cannot_shrink_is_held_to_the_full_decode_limit() -> None:
     """A strip 300 pixels high decodes at full scale: its pixels count against max_image_pixels."""
     strip = encode(picture(4000, 300), "JPEG")
-    limits = PixelLimits(max_image_pixels=1_000_000, max_jpeg_pixels=2_000_000)
+    limits = DecodeLimits(max_image_pixels=1_000_000, max_jpeg_pixels=2_000_000)
     with pytest.raises(PayloadTooLarge, match="to decode"):
         prepare_image(strip, limits)
     assert prepare_image(encode(picture(1200, 1200), "JPEG"), limits).shape == (INPUT_SIZE, INPUT_SIZE, 3)
@@ -172,7 +173,7 @@ def test_a_multi_scan_jpeg_is_held_to_the_full_decode_limit_from_its_header(name
 @pytest.mark.parametrize("name", sorted(MULTI_SCAN_JPEGS))
 def test_a_multi_scan_jpeg_within_the_full_decode_limit_decodes(name: str) -> None:
     make = MULTI_SCAN_JPEGS[name]
-    limits = PixelLimits(max_image_pixels=1_000_000, max_jpeg_pixels=4_000_000)
+    limits = DecodeLimits(max_image_pixels=1_000_000, max_jpeg_pixels=4_000_000)
     assert prepare_image(make(1000, 1000), limits).shape == (INPUT_SIZE, INPUT_SIZE, 3)
     with pytest.raises(PayloadTooLarge, match="1000x1001"):
         prepare_image(make(1000, 1001), limits)
@@ -180,7 +181,7 @@ def test_a_multi_scan_jpeg_within_the_full_decode_limit_decodes(name: str) -> No
 
 
 def test_a_lossless_jpeg_is_held_to_the_full_decode_limit_from_its_header() -> None:
-    limits = PixelLimits(max_image_pixels=1_000_000, max_jpeg_pixels=4_000_000)
+    limits = DecodeLimits(max_image_pixels=1_000_000, max_jpeg_pixels=4_000_000)
     assert prepare_image(lossless_jpeg(picture(1000, 1000)), limits).shape == (INPUT_SIZE, INPUT_SIZE, 3)
     with pytest.raises(
         PayloadTooLarge, match="1000x1001 = 1001000 pixels; the limit for a lossless JPEG, which decodes"
@@ -200,6 +201,17 @@ def test_a_jpeg_of_more_than_8_bits_is_refused_by_name(make: Callable[[], bytes]
 def test_a_jpeg_frame_of_a_precision_no_jpeg_has_is_corrupt(bits: int) -> None:
     with pytest.raises(InvalidImage, match=f"corrupt image header: a JPEG frame of {bits}-bit samples"):
         prepare_image(jpeg_declaring_bits(encode(picture(), "JPEG"), bits))
+
+
+def test_a_jpeg_of_more_scans_than_the_limit_is_refused_before_decoding() -> None:
+    """libjpeg's progressive script writes 10 scans a colour image; markers before the frame
+    (here a comment, in a camera's file the EXIF thumbnail's) do not count."""
+    progressive = encode(picture(), "JPEG", progressive=True, comment=b"\xff\xda" * 5)
+    assert prepare_image(progressive, DecodeLimits(max_jpeg_scans=10)).shape == (INPUT_SIZE, INPUT_SIZE, 3)
+    with pytest.raises(PayloadTooLarge, match="the JPEG has 10 scans; the limit is 9"):
+        prepare_image(progressive, DecodeLimits(max_jpeg_scans=9))
+    with pytest.raises(PayloadTooLarge, match="the JPEG has 3010 scans; the limit is 100"):
+        prepare_image(jpeg_with_repeated_scans(progressive, 3000))
 
 
 def test_a_baseline_jpeg_keeps_the_jpeg_limit() -> None:
