@@ -21,17 +21,22 @@ scale, 2 bytes a sample (a 40 MP 4:2:0 one: 116 MiB, as much as a 40 MP PNG). So
 does a lossless JPEG: it has no DCT to scale (libjpeg fails on ``draft()``'s scale).
 ``max_jpeg_scans`` bounds a JPEG's scans, counted in its bytes: libjpeg passes over
 all the coefficients at each one, and a scan can be a few dozen bytes.
+
+A few of PIL's readers are wrapped below: to tell the limits what the header holds,
+and to ignore metadata PIL cannot read where browsers show the picture.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import struct
+import typing as t
 import weakref
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, JpegImagePlugin, PngImagePlugin, UnidentifiedImageError
 
 from .errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
 
@@ -95,6 +100,67 @@ JpegImagePlugin.MARKER.update(
 )
 
 
+# Metadata PIL fails on, while browsers show the picture: the service reads none of it but
+# the orientation, so a flaw there must not refuse the image (a 415 or 400) or fail it (a 500).
+UNREADABLE_METADATA = (OSError, ValueError, TypeError, SyntaxError, IndexError, KeyError, struct.error)
+# The transpose that shows the picture as each EXIF orientation says it is seen.
+ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The picture turned as its EXIF (or XMP) orientation says. Not ``ImageOps.exif_transpose``:
+    that writes the EXIF back without the tag, and raised on a mistyped tag elsewhere in it."""
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation)
+    except UNREADABLE_METADATA:  # e.g. a PNG's "Raw profile type exif" that is not hexadecimal
+        return image
+    method = ORIENTATIONS.get(orientation) if isinstance(orientation, int) else None
+    return image if method is None else image.transpose(method)
+
+
+read_dpi_from_exif = JpegImagePlugin.JpegImageFile._read_dpi_from_exif
+
+
+def read_dpi_leniently(image: JpegImagePlugin.JpegImageFile) -> None:
+    """PIL's, which an XResolution of one character made raise, and so refuse the file as no JPEG."""
+    try:
+        read_dpi_from_exif(image)
+    except UNREADABLE_METADATA:
+        image.info["dpi"] = 72, 72  # PIL's own answer to the EXIF it cannot read
+
+
+def skipped_when_unreadable(read_chunk: t.Callable[[PngImagePlugin.PngStream, int, int], bytes]) -> t.Callable:
+    """A PNG metadata chunk (ICC profile, compressed text) that inflates past PIL's 1 MB, which PIL
+    calls a corrupt file, is skipped: its bytes are read again for the chunk's CRC check."""
+
+    def read(stream: PngImagePlugin.PngStream, position: int, length: int) -> bytes:
+        try:
+            return read_chunk(stream, position, length)
+        except ValueError:
+            assert stream.fp is not None
+            stream.fp.seek(position)
+            return ImageFile._safe_read(stream.fp, length)
+
+    return read
+
+
+JpegImagePlugin.JpegImageFile._read_dpi_from_exif = read_dpi_leniently  # type: ignore[method-assign]
+for metadata_chunk in ("chunk_iCCP", "chunk_zTXt", "chunk_iTXt"):
+    setattr(
+        PngImagePlugin.PngStream,
+        metadata_chunk,
+        skipped_when_unreadable(getattr(PngImagePlugin.PngStream, metadata_chunk)),
+    )
+
+
 def prepare_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Return the (299, 299, 3) uint8 RGB array the model takes for ``data``."""
     image = open_image(data, limits)
@@ -104,7 +170,7 @@ def prepare_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndar
             # never below the model's input size. A 12 MP photo decodes 5x faster.
             image.draft("RGB", (INPUT_SIZE, INPUT_SIZE))
         check_pixels(image, limits.max_image_pixels, "to decode")
-        ImageOps.exif_transpose(image, in_place=True)  # a copy otherwise, even when upright
+        image = upright(image)
         image = to_rgb(image)
         image = image.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BILINEAR)
     except (OSError, ValueError, SyntaxError) as error:

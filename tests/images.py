@@ -27,6 +27,34 @@ def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
     return buffer.getvalue()
 
 
+ExifEntry = tuple[int, int, int, bytes]  # tag, type, count, the value's 4 bytes
+
+
+def raw_exif(entries: list[ExifEntry], gps: list[ExifEntry] | None = None) -> bytes:
+    """An EXIF block written by hand (big-endian TIFF), for the mistyped tags PIL will not write."""
+
+    def ifd(entries: list[ExifEntry]) -> bytes:
+        packed = b"".join(struct.pack(">HHI", tag, kind, count) + value for tag, kind, count, value in entries)
+        return struct.pack(">H", len(entries)) + packed + b"\0\0\0\0"
+
+    if gps is not None:  # the GPS IFD follows the first: the TIFF header (8 bytes), then the first IFD
+        entries = [*entries, (0x8825, 4, 1, struct.pack(">I", 8 + 2 + 12 * (len(entries) + 1) + 4))]
+    return b"Exif\0\0MM\0\x2a\0\0\0\x08" + ifd(entries) + (ifd(gps) if gps is not None else b"")
+
+
+# Orientation 6, and three tags of a type PIL does not expect: it failed on each while
+# browsers show the picture (GPSVersionID and XResolution as text: 500 from the orientation's
+# transpose; an XResolution of one character: "not a JPEG" from the resolution's reading).
+MISTYPED_EXIF = raw_exif(
+    [
+        (EXIF_ORIENTATION, 3, 1, b"\0\x06\0\0"),
+        (0x011A, 2, 2, b"7\0\0\0"),  # XResolution
+        (0x0128, 3, 1, b"\0\x02\0\0"),  # ResolutionUnit
+    ],
+    gps=[(0x0000, 2, 4, b"2.2\0")],  # GPSVersionID
+)
+
+
 def jpeg_with_orientation(image: Image.Image, orientation: int) -> bytes:
     exif = Image.Exif()
     exif[EXIF_ORIENTATION] = orientation
@@ -153,6 +181,7 @@ def valid_samples() -> dict[str, bytes]:
         "jpeg-cmyk": encode(rgb.convert("CMYK"), "JPEG", quality=95),
         "jpeg-exif-rotated": jpeg_with_orientation(stored_for_orientation(rgb, 6), 6),
         "jpeg-lossless": lossless_jpeg(LOSSLESS_JPEG_PICTURE),
+        "jpeg-exif-mistyped": encode(stored_for_orientation(rgb, 6), "JPEG", quality=95, exif=MISTYPED_EXIF),
         "png": encode(rgb, "PNG"),
         "png-rgba": encode(rgba, "PNG"),
         "png-la": encode(rgba.convert("LA"), "PNG"),

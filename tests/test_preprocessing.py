@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 from bentoml.grpc.utils import grpc_status_code
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from inception_v3.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType, register_grpc_status_codes
 from inception_v3.preprocessing import INPUT_SIZE, DecodeLimits, prepare_image, read_image
@@ -19,6 +19,7 @@ from tests.conftest import CAT_JPEG
 from tests.images import (
     EXIF_ORIENTATION,
     LOSSLESS_JPEG_PICTURE,
+    MISTYPED_EXIF,
     encode,
     jpeg_declaring,
     jpeg_declaring_bits,
@@ -112,6 +113,31 @@ def test_exif_orientation_gives_the_upright_pixels(orientation: int) -> None:
     exif[EXIF_ORIENTATION] = orientation
     assert np.array_equal(prepare_image(encode(stored, "PNG", exif=exif.tobytes())), UPRIGHT)
     assert mean_difference(prepare_image(jpeg_with_orientation(stored, orientation)), UPRIGHT) < 2
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_exif_of_mistyped_tags_keeps_its_orientation(fmt: str) -> None:
+    stored = encode(
+        stored_for_orientation(picture(), 6), fmt, exif=MISTYPED_EXIF, **({"quality": 95} if fmt == "JPEG" else {})
+    )
+    assert mean_difference(prepare_image(stored), UPRIGHT) < (2 if fmt == "JPEG" else 1e-9)
+
+
+def test_metadata_pil_cannot_read_is_ignored() -> None:
+    """A PNG's EXIF as hexadecimal text that is not, and metadata that inflates past PIL's 1 MB."""
+    bad_exif = PngImagePlugin.PngInfo()
+    bad_exif.add_text("Raw profile type exif", "\nexif\n  10\nzzzz\n")
+    large_xmp = PngImagePlugin.PngInfo()
+    large_xmp.add_itxt("XML:com.adobe.xmp", "a" * 2_000_000, zip=True)
+    large_text = PngImagePlugin.PngInfo()
+    large_text.add_text("Comment", "b" * 2_000_000, zip=True)
+    for params in (
+        {"pnginfo": bad_exif},
+        {"pnginfo": large_xmp},
+        {"pnginfo": large_text},
+        {"icc_profile": b"c" * 2_000_000},
+    ):
+        assert np.array_equal(prepare_image(encode(picture(), "PNG", **params)), UPRIGHT), params
 
 
 @pytest.mark.parametrize("name", ["jpeg", "png-rgba", "gif-animated"])
