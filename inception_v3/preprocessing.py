@@ -100,9 +100,9 @@ JpegImagePlugin.MARKER.update(
 )
 
 
-# Metadata PIL fails on, while browsers show the picture: the service reads none of it but
-# the orientation, so a flaw there must not refuse the image (a 415 or 400) or fail it (a 500).
-UNREADABLE_METADATA = (OSError, ValueError, TypeError, SyntaxError, IndexError, KeyError, struct.error)
+# What PIL raises on bytes it cannot read: a client's error (400), never a 500. In metadata,
+# which the service reads none of but the orientation, such a flaw is ignored, as browsers do.
+PIL_READ_ERRORS = (OSError, ValueError, TypeError, SyntaxError, IndexError, KeyError, struct.error)
 # The transpose that shows the picture as each EXIF orientation says it is seen.
 ORIENTATIONS = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -120,7 +120,7 @@ def upright(image: Image.Image) -> Image.Image:
     that writes the EXIF back without the tag, and raised on a mistyped tag elsewhere in it."""
     try:
         orientation = image.getexif().get(ExifTags.Base.Orientation)
-    except UNREADABLE_METADATA:  # e.g. a PNG's "Raw profile type exif" that is not hexadecimal
+    except PIL_READ_ERRORS:  # e.g. a PNG's "Raw profile type exif" that is not hexadecimal
         return image
     method = ORIENTATIONS.get(orientation) if isinstance(orientation, int) else None
     return image if method is None else image.transpose(method)
@@ -133,7 +133,7 @@ def read_dpi_leniently(image: JpegImagePlugin.JpegImageFile) -> None:
     """PIL's, which an XResolution of one character made raise, and so refuse the file as no JPEG."""
     try:
         read_dpi_from_exif(image)
-    except UNREADABLE_METADATA:
+    except PIL_READ_ERRORS:
         image.info["dpi"] = 72, 72  # PIL's own answer to the EXIF it cannot read
 
 
@@ -173,7 +173,7 @@ def prepare_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndar
         image = upright(image)
         image = to_rgb(image)
         image = image.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BILINEAR)
-    except (OSError, ValueError, SyntaxError) as error:
+    except PIL_READ_ERRORS as error:
         raise InvalidImage(f"corrupt or truncated {image.format} image: {error}") from None
     return np.asarray(image, dtype=np.uint8)
 
@@ -206,7 +206,7 @@ def open_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Image.Imag
         image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except UnidentifiedImageError:
         raise UnsupportedMediaType("not a JPEG, PNG, WebP, BMP or GIF image") from None
-    except (OSError, ValueError, SyntaxError) as error:
+    except PIL_READ_ERRORS as error:
         raise InvalidImage(f"corrupt image header: {error}") from None
     if image.format not in DCT_SCALED_FORMATS:
         check_pixels(image, limits.max_image_pixels, f"for {image.format}, which decodes in full")
