@@ -52,8 +52,7 @@ serve: model stop
 	@mkdir -p $(RUN_DIR)
 	nohup $(PY) -m inception_v3.launcher > $(RUN_DIR)/serve.log 2>&1 & echo $$! > $(RUN_DIR)/serve.pid
 	@$(PY) -m inception_v3.launcher --wait-ready --timeout 180 --pid $$(cat $(RUN_DIR)/serve.pid) $(READY_ARGS) || { tail -n 30 $(RUN_DIR)/serve.log; $(MAKE) --no-print-directory stop; exit 1; }
-	@echo "HTTP  http://localhost:8501  (Swagger UI at /, TF Serving REST at /v1/models/inception_v3, Open Inference at /v2)"
-	@echo "gRPC  localhost:8500         (bentoml.grpc.v1.BentoService, tensorflow.serving.PredictionService, inference.GRPCInferenceService)"
+	@$(PY) -m inception_v3.launcher --addresses
 	@echo "logs  $(RUN_DIR)/serve.log; stop with: make stop"
 	@$(PY) -m inception_v3.weights notice
 
@@ -104,7 +103,8 @@ run: setup
 	@$(MAKE) --no-print-directory stop
 	$(PY) -m container.image run $(if $(MODEL_STORE),--model-store $(MODEL_STORE))
 	@$(PY) -m inception_v3.launcher --wait-ready --timeout 300 $(READY_ARGS) || { $(MAKE) --no-print-directory stop; exit 1; }
-	@echo "HTTP  http://localhost:8501   gRPC  localhost:8500   (container; stop with: make stop)"
+	@$(PY) -m inception_v3.launcher --addresses
+	@echo "(a container; stop with: make stop)"
 
 # `bentoml containerize` from the project folder (the test store's model), serves the image, asks both protocols (slow, opt-in).
 image-test: setup

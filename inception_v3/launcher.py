@@ -263,6 +263,17 @@ def wait_ready(settings: Settings, timeout_s: float, pid: int | None = None, tls
     return False
 
 
+def addresses(settings: Settings) -> str:
+    """Where the doors are, from the configuration's ports, for ``make serve`` and ``make run`` to print."""
+    http = http_url(f"localhost:{settings.http_port}", ClientTls() if settings.tls else None)
+    model = settings.model_tag.partition(":")[0]
+    grpc_services = "bentoml.grpc.v1.BentoService, tensorflow.serving.PredictionService, inference.GRPCInferenceService"
+    return (
+        f"HTTP  {http}  (Swagger UI at /, TF Serving REST at /v1/models/{model}, Open Inference at /v2)\n"
+        f"gRPC  localhost:{settings.grpc_port}  ({grpc_services})"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bento", default="service:svc", help="service import path or Bento tag/path")
@@ -275,7 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--cert", type=Path, help="with --wait-ready and mutual TLS: a client certificate")
     parser.add_argument("--key", type=Path, help="with --wait-ready and mutual TLS: its private key")
+    parser.add_argument("--addresses", action="store_true", help="print where the doors are, then exit")
     args = parser.parse_args(argv)
+    if args.addresses:
+        print(addresses(load_settings()))
+        return 0
     if args.wait_ready:
         settings = load_settings()
         ca_cert = args.ca_cert or (Path(settings.tls_ca_certs) if settings.tls_ca_certs else None)

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import request_inception_v3 as client
 from inception_v3 import grpc_certificates
-from inception_v3.launcher import wait_ready
+from inception_v3.launcher import addresses, wait_ready
 from inception_v3.settings import load_settings
 from inception_v3.tls import ClientTls, grpc_channel
 from tests.conftest import CAT_JPEG, WORK_DIR, split_address
@@ -141,3 +141,11 @@ def test_the_grpc_server_reads_certificates_from_absolute_paths(tmp_path: Path) 
     grpc_certificates.install()
     (tmp_path / "server.pem").write_bytes(b"certificate")
     assert grpc_app.load_from_file(str(tmp_path / "server.pem")) == b"certificate"
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_make_serve_prints_the_configured_addresses(tls: bool) -> None:
+    settings = dataclasses.replace(load_settings(), http_port=18501, grpc_port=18500, tls=tls)
+    printed = addresses(settings)
+    assert f"HTTP  {'https' if tls else 'http'}://localhost:18501  (Swagger UI at /" in printed
+    assert "gRPC  localhost:18500  (bentoml.grpc.v1.BentoService" in printed
