@@ -167,12 +167,17 @@ def refused_fields(error: BadInput) -> BadInput:
 JsonInput.descriptor_id = JSON.descriptor_id
 
 
+URL_SAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+BASE64_WHITESPACE = b" \t\n\r\v\f"  # skipped anywhere, as TF Serving's decoder (Abseil's) skips it
+
+
 def decode_base64_image(text: str) -> bytes:
-    """Standard or URL-safe base64, padding optional (TensorFlow Serving clients send either)."""
-    cleaned = text.strip().replace("-", "+").replace("_", "/")
+    """Standard or URL-safe base64, padding optional (TensorFlow Serving clients send either),
+    line breaks allowed (``base64``'s output wraps at 76 columns)."""
     try:
-        return base64.b64decode(cleaned + "=" * (-len(cleaned) % 4), validate=True)
-    except (binascii.Error, ValueError):
+        cleaned = text.encode("ascii").translate(URL_SAFE_TO_STANDARD, BASE64_WHITESPACE)
+        return base64.b64decode(cleaned + b"=" * (-len(cleaned) % 4), validate=True)
+    except (binascii.Error, ValueError):  # ValueError: UnicodeEncodeError, text that is not ASCII
         raise InvalidImage("image is not valid base64") from None
 
 

@@ -58,7 +58,13 @@ def test_predict_multipart_upload(app, cat_jpeg, reference_classify):
 
 
 def test_predict_batch_in_process(app, cat_jpeg, reference_classify):
-    body = {"images": [base64.b64encode(cat_jpeg).decode()] * 3, "top_k": 1}
+    """Standard, URL-safe without padding, and wrapped at 76 columns as ``base64`` writes it."""
+    images = [
+        base64.b64encode(cat_jpeg).decode(),
+        base64.urlsafe_b64encode(cat_jpeg).decode().rstrip("="),
+        base64.encodebytes(cat_jpeg).decode().replace("\n", "\r\n"),
+    ]
+    body = {"images": images, "top_k": 1}
     response = app.post("/predict_batch", json=body)
     assert response.status_code == 200, response.text
     predictions = response.json()["predictions"]
