@@ -189,10 +189,14 @@ def image_from_tensor_element(value: bytes) -> bytes:
 
     Bytes that are not ASCII cannot be base64: they go to the decoder as a file, which
     names what is wrong with them as it does for ``/predict``'s body (a TIFF, a cut JPEG).
+    ASCII that is not base64 either may be a text file (SVG, PGM): the error names both.
     """
     if value.startswith(IMAGE_SIGNATURES) or not value.isascii():
         return value
-    return decode_base64_image(value.decode("ascii"))
+    try:
+        return decode_base64_image(value.decode("ascii"))
+    except InvalidImage:
+        raise InvalidImage("an image must be base64 text or a JPEG, PNG, WebP, BMP or GIF file") from None
 
 
 def json_value_to_image(value: t.Any, input_name: str) -> bytes:

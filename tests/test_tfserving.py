@@ -251,13 +251,22 @@ def test_grpc_malformed_tensors_are_invalid_argument(channel):
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
 
 
-def test_grpc_an_image_in_a_format_not_served_is_named_as_such(channel):
-    """A TIFF's bytes, as /predict would judge them (415 there), not as broken base64."""
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (unsupported_samples()["tiff"], "not a JPEG, PNG, WebP, BMP or GIF image"),
+        (b'<svg xmlns="http://www.w3.org/2000/svg"/>', "an image must be base64 text or a JPEG, PNG, WebP, BMP or GIF"),
+    ],
+    ids=["tiff", "svg"],
+)
+def test_grpc_an_image_in_a_format_not_served_is_named_as_such(channel, image: bytes, message: str):
+    """A TIFF's bytes, as /predict would judge them (415 there), not as broken base64; a text file
+    (all ASCII, so it might have been base64) named as neither."""
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     with pytest.raises(grpc.RpcError) as error:
-        stub.Predict(predict_request([unsupported_samples()["tiff"]]), 10)
+        stub.Predict(predict_request([image]), 10)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "not a JPEG, PNG, WebP, BMP or GIF image" in error.value.details()
+    assert message in error.value.details()
 
 
 def test_tf_serving_and_bentoml_requests_share_runner_batches(http_address, rest, cat_jpeg):
