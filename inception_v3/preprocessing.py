@@ -210,15 +210,16 @@ def open_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Image.Imag
         raise InvalidImage(f"corrupt image header: {error}") from None
     if image.format not in DCT_SCALED_FORMATS:
         check_pixels(image, limits.max_image_pixels, f"for {image.format}, which decodes in full")
-    elif (scans := data.count(b"\xff\xda", image.info.get("first_scan_at", 0))) > limits.max_jpeg_scans:
-        # Each scan marker's bytes, which entropy-coded data cannot hold (an 0xFF there is followed by 0).
-        raise PayloadTooLarge(f"the JPEG has {scans} scans; the limit is {limits.max_jpeg_scans}")
+    elif not decodes_in_one_pass(image):
+        # Only these take more scans (libjpeg stops at a second scan of a one-pass JPEG), counted by
+        # their markers' bytes, which entropy-coded data cannot hold (an 0xFF there is followed by 0).
+        if (scans := data.count(b"\xff\xda", image.info.get("first_scan_at", 0))) > limits.max_jpeg_scans:
+            raise PayloadTooLarge(f"the JPEG has {scans} scans; the limit is {limits.max_jpeg_scans}")
+        check_pixels(image, limits.max_image_pixels, "for a progressive or multi-scan JPEG, which decodes in full")
     elif image.info.get("lossless"):
         check_pixels(image, limits.max_image_pixels, "for a lossless JPEG, which decodes in full")
-    elif decodes_in_one_pass(image):
-        check_pixels(image, limits.max_jpeg_pixels, "for a JPEG")
     else:
-        check_pixels(image, limits.max_image_pixels, "for a progressive or multi-scan JPEG, which decodes in full")
+        check_pixels(image, limits.max_jpeg_pixels, "for a JPEG")
     return image
 
 
