@@ -19,8 +19,8 @@ cannot decode in one pass (progressive, or a first scan short of a component)
 counts as decoded in full: libjpeg holds all its DCT coefficients whatever the
 scale, 2 bytes a sample (a 40 MP 4:2:0 one: 116 MiB, as much as a 40 MP PNG). So
 does a lossless JPEG: it has no DCT to scale (libjpeg fails on ``draft()``'s scale).
-``max_jpeg_scans`` bounds a JPEG's scans, counted in its bytes: libjpeg passes over
-all the coefficients at each one, and a scan can be a few dozen bytes.
+``max_jpeg_scans`` bounds a progressive JPEG's scans, counted from its markers before
+decoding: libjpeg passes over all the coefficients at each, and one can be 82 bytes.
 
 A few of PIL's readers are wrapped below: to tell the limits what the header holds,
 and to ignore metadata PIL cannot read where browsers show the picture.
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import struct
 import typing as t
 import weakref
@@ -211,16 +212,36 @@ def open_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Image.Imag
     if image.format not in DCT_SCALED_FORMATS:
         check_pixels(image, limits.max_image_pixels, f"for {image.format}, which decodes in full")
     elif not decodes_in_one_pass(image):
-        # Only these take more scans (libjpeg stops at a second scan of a one-pass JPEG), counted by
-        # their markers' bytes, which entropy-coded data cannot hold (an 0xFF there is followed by 0).
-        if (scans := data.count(b"\xff\xda", image.info.get("first_scan_at", 0))) > limits.max_jpeg_scans:
-            raise PayloadTooLarge(f"the JPEG has {scans} scans; the limit is {limits.max_jpeg_scans}")
+        # Only these take more scans: libjpeg stops at a second scan of a one-pass JPEG.
+        if count_scans(data, image.info.get("first_scan_at", 0), limits.max_jpeg_scans) > limits.max_jpeg_scans:
+            raise PayloadTooLarge(f"the JPEG has more than {limits.max_jpeg_scans} scans, the limit")
         check_pixels(image, limits.max_image_pixels, "for a progressive or multi-scan JPEG, which decodes in full")
     elif image.info.get("lossless"):
         check_pixels(image, limits.max_image_pixels, "for a lossless JPEG, which decodes in full")
     else:
         check_pixels(image, limits.max_jpeg_pixels, "for a JPEG")
     return image
+
+
+# A marker: 0xFF, then neither a stuffed 0 (entropy-coded data's 0xFF), RST0-7, nor fill 0xFF.
+JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+MARKERS_WITHOUT_LENGTH = (0x01, 0xD8)  # TEM, SOI
+
+
+def count_scans(data: bytes, start: int, limit: int) -> int:
+    """The start-of-scan markers from ``start`` to the end of the image (or ``limit`` + 1), as libjpeg
+    reads them: segments skipped by their length (a comment may hold any bytes), entropy-coded data
+    to the next marker. What follows the end of the image (a motion photo's video) is not read."""
+    scans = 0
+    position = start
+    while scans <= limit and (found := JPEG_MARKER.search(data, position)) is not None:
+        marker = data[found.start() + 1]
+        if marker == 0xD9:  # end of image
+            break
+        scans += marker == 0xDA
+        length = 0 if marker in MARKERS_WITHOUT_LENGTH else int.from_bytes(data[found.end() : found.end() + 2], "big")
+        position = found.end() + length
+    return scans
 
 
 def decodes_in_one_pass(image: Image.Image) -> bool:

@@ -230,14 +230,25 @@ def test_a_jpeg_frame_of_a_precision_no_jpeg_has_is_corrupt(bits: int) -> None:
 
 
 def test_a_jpeg_of_more_scans_than_the_limit_is_refused_before_decoding() -> None:
-    """libjpeg's progressive script writes 10 scans a colour image; markers before the frame
-    (here a comment, in a camera's file the EXIF thumbnail's) do not count."""
+    """libjpeg's progressive script writes 10 scans a colour image. Not counted: scan markers'
+    bytes before the first scan (here in a comment; in a camera's file, in the EXIF thumbnail),
+    after the end of the image (a motion photo's video), or inside a segment between scans."""
     progressive = encode(picture(), "JPEG", progressive=True, comment=b"\xff\xda" * 5)
-    assert prepare_image(progressive, DecodeLimits(max_jpeg_scans=10)).shape == (INPUT_SIZE, INPUT_SIZE, 3)
-    with pytest.raises(PayloadTooLarge, match="the JPEG has 10 scans; the limit is 9"):
-        prepare_image(progressive, DecodeLimits(max_jpeg_scans=9))
-    with pytest.raises(PayloadTooLarge, match="the JPEG has 3010 scans; the limit is 100"):
-        prepare_image(jpeg_with_repeated_scans(progressive, 3000))
+    with_trailer = progressive + b"\xff\xda" * 1000
+    assert prepare_image(with_trailer, DecodeLimits(max_jpeg_scans=10)).shape == (INPUT_SIZE, INPUT_SIZE, 3)
+    with pytest.raises(PayloadTooLarge, match="the JPEG has more than 9 scans, the limit"):
+        prepare_image(with_trailer, DecodeLimits(max_jpeg_scans=9))
+    with pytest.raises(PayloadTooLarge, match="the JPEG has more than 100 scans, the limit"):
+        prepare_image(jpeg_with_repeated_scans(progressive, 91))
+
+
+def test_a_segment_between_scans_hides_no_scan_from_the_count() -> None:
+    """A comment holding an end-of-image marker's bytes, then 91 more scans: libjpeg reads them all."""
+    progressive = encode(picture(), "JPEG", progressive=True)
+    comment = b"\xff\xfe\x00\x04\xff\xd9"
+    bomb = jpeg_with_repeated_scans(progressive[:-2] + comment + progressive[-2:], 91)
+    with pytest.raises(PayloadTooLarge, match="more than 100 scans"):
+        prepare_image(bomb)
 
 
 def test_a_baseline_jpeg_keeps_the_jpeg_limit() -> None:
