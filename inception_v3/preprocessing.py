@@ -229,16 +229,20 @@ MARKERS_WITHOUT_LENGTH = (0x01, 0xD8)  # TEM, SOI
 
 
 def count_scans(data: bytes, start: int, limit: int) -> int:
-    """The start-of-scan markers from ``start`` to the end of the image (or ``limit`` + 1), as libjpeg
-    reads them: segments skipped by their length (a comment may hold any bytes), entropy-coded data
-    to the next marker. What follows the end of the image (a motion photo's video) is not read."""
-    scans = 0
+    """The start-of-scan markers from ``start`` to the end of the image, as libjpeg reads them:
+    segments skipped by their length (a comment may hold any bytes), entropy-coded data to the
+    next marker. What follows the end of the image (a motion photo's video) is not read. Stops
+    past ``limit``, and counts as past it more than 16 segments a scan (a file of 4-byte
+    comments: a million markers to walk), where an encoder writes 2 or 3 (tables, the scan)."""
+    scans = markers = 0
     position = start
     while scans <= limit and (found := JPEG_MARKER.search(data, position)) is not None:
         marker = data[found.start() + 1]
         if marker == 0xD9:  # end of image
             break
         scans += marker == 0xDA
+        if (markers := markers + 1) > 16 * (limit + 1):
+            return limit + 1
         length = 0 if marker in MARKERS_WITHOUT_LENGTH else int.from_bytes(data[found.end() : found.end() + 2], "big")
         position = found.end() + length
     return scans

@@ -251,6 +251,15 @@ def test_a_segment_between_scans_hides_no_scan_from_the_count() -> None:
         prepare_image(bomb)
 
 
+def test_a_jpeg_of_a_million_segments_between_scans_is_refused() -> None:
+    """Refused at the 1,617th marker, so the count never walks a million (10 scans only: it
+    would pass a count that walked them all)."""
+    progressive = encode(picture(), "JPEG", progressive=True)
+    comments = b"\xff\xfe\x00\x02" * 1_000_000
+    with pytest.raises(PayloadTooLarge, match="more than 100 scans"):
+        prepare_image(progressive[:-2] + comments + progressive[-2:])
+
+
 def test_a_baseline_jpeg_keeps_the_jpeg_limit() -> None:
     """118 MP declared: decoded at 1/4 scale, 16375x450."""
     assert prepare_image(jpeg_declaring(65500, 1800)).shape == (INPUT_SIZE, INPUT_SIZE, 3)
