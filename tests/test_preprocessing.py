@@ -231,8 +231,8 @@ def test_a_jpeg_frame_of_a_precision_no_jpeg_has_is_corrupt(bits: int) -> None:
 
 def test_a_jpeg_of_more_scans_than_the_limit_is_refused_before_decoding() -> None:
     """libjpeg's progressive script writes 10 scans a colour image. Not counted: scan markers'
-    bytes before the first scan (here in a comment; in a camera's file, in the EXIF thumbnail),
-    after the end of the image (a motion photo's video), or inside a segment between scans."""
+    bytes before the first scan (here in a comment; in a camera's file, in the EXIF thumbnail)
+    and after the end of the image (a motion photo's video)."""
     progressive = encode(picture(), "JPEG", progressive=True, comment=b"\xff\xda" * 5)
     with_trailer = progressive + b"\xff\xda" * 1000
     assert prepare_image(with_trailer, DecodeLimits(max_jpeg_scans=10)).shape == (INPUT_SIZE, INPUT_SIZE, 3)
