@@ -48,7 +48,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """The run's model stores, Bentos and server logs (2.4 GB for the whole suite) go once it
-    passes; 14 runs left behind had filled a 100 GB disk. A failed run keeps them, for the logs."""
+    passes: 14 runs had left 34 GB on one machine. A failed run keeps them, for the logs."""
     if exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         shutil.rmtree(WORK_DIR, ignore_errors=True)
     else:
