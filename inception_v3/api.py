@@ -16,7 +16,7 @@ from starlette.requests import Request
 from .errors import InvalidImage, UnsupportedMediaType
 from .labels import top_k
 from .legacy import JSON, Image
-from .preprocessing import SUPPORTED_MEDIA_TYPES, DecodeLimits, read_image
+from .preprocessing import SUPPORTED_FORMAT_NAMES, SUPPORTED_MEDIA_TYPES, DecodeLimits, read_image
 
 if t.TYPE_CHECKING:
     from bentoml.grpc.v1 import service_pb2 as pb
@@ -196,7 +196,7 @@ def image_from_tensor_element(value: bytes) -> bytes:
     try:
         return decode_base64_image(value.decode("ascii"))
     except InvalidImage:
-        raise InvalidImage("an image must be base64 text or a JPEG, PNG, WebP, BMP or GIF file") from None
+        raise InvalidImage(f"an image must be base64 text or a {SUPPORTED_FORMAT_NAMES} file") from None
 
 
 def json_value_to_image(value: t.Any, input_name: str) -> bytes:

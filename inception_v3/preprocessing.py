@@ -45,6 +45,7 @@ INPUT_SIZE = 299
 # The only parsers PIL runs on request bytes; multi-picture JPEGs (MPO) open through JPEG's.
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 SUPPORTED_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif")
+SUPPORTED_FORMAT_NAMES = "JPEG, PNG, WebP, BMP or GIF"  # as the error messages name them
 DCT_SCALED_FORMATS = ("JPEG", "MPO")
 
 
@@ -206,7 +207,7 @@ def open_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Image.Imag
     try:
         image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except UnidentifiedImageError:
-        raise UnsupportedMediaType("not a JPEG, PNG, WebP, BMP or GIF image") from None
+        raise UnsupportedMediaType(f"not a {SUPPORTED_FORMAT_NAMES} image") from None
     except PIL_READ_ERRORS as error:
         raise InvalidImage(f"corrupt image header: {error}") from None
     if image.format not in DCT_SCALED_FORMATS:
