@@ -16,7 +16,7 @@ from starlette.requests import Request
 from .errors import InvalidImage, UnsupportedMediaType
 from .labels import top_k
 from .legacy import JSON, Image
-from .preprocessing import SUPPORTED_FORMAT_NAMES, SUPPORTED_MEDIA_TYPES, DecodeLimits, read_image
+from .preprocessing import SUPPORTED_FORMAT_NAMES, SUPPORTED_MEDIA_TYPES, DecodeLimits, read_image, signature_format
 
 if t.TYPE_CHECKING:
     from bentoml.grpc.v1 import service_pb2 as pb
@@ -181,9 +181,6 @@ def decode_base64_image(text: str) -> bytes:
         raise InvalidImage("image is not valid base64") from None
 
 
-IMAGE_SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM", b"RIFF")
-
-
 def image_from_tensor_element(value: bytes) -> bytes:
     """A string tensor's element (TF Serving DT_STRING, Open Inference BYTES): an image file or its base64 text.
 
@@ -191,7 +188,7 @@ def image_from_tensor_element(value: bytes) -> bytes:
     names what is wrong with them as it does for ``/predict``'s body (a TIFF, a cut JPEG).
     ASCII that is not base64 either may be a text file (SVG, PGM): the error names both.
     """
-    if value.startswith(IMAGE_SIGNATURES) or not value.isascii():
+    if signature_format(value) is not None or not value.isascii():
         return value
     try:
         return decode_base64_image(value.decode("ascii"))

@@ -37,7 +37,7 @@ import weakref
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import ExifTags, Image, ImageFile, JpegImagePlugin, PngImagePlugin, UnidentifiedImageError
+from PIL import BmpImagePlugin, ExifTags, Image, ImageFile, JpegImagePlugin, PngImagePlugin, UnidentifiedImageError
 
 from .errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
 
@@ -47,6 +47,15 @@ SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 SUPPORTED_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif")
 SUPPORTED_FORMAT_NAMES = "JPEG, PNG, WebP, BMP or GIF"  # as the error messages name them
 DCT_SCALED_FORMATS = ("JPEG", "MPO")
+BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)  # the DIB headers PIL reads
+# How a file of each served format begins (a BMP: its DIB header's size too).
+FILE_SIGNATURES = {
+    "JPEG": re.compile(rb"\xff\xd8\xff"),
+    "PNG": re.compile(rb"\x89PNG\r\n\x1a\n"),
+    "GIF": re.compile(rb"GIF8[79]a"),
+    "WebP": re.compile(rb"RIFF.{4}WEBP", re.DOTALL),
+    "BMP": re.compile(rb"BM.{12}[%s]\0\0\0" % re.escape(bytes(BMP_HEADER_SIZES)), re.DOTALL),
+}
 
 
 @dataclass(frozen=True)
@@ -74,23 +83,36 @@ def read_start_of_scan(image: JpegImagePlugin.JpegImageFile, marker: int) -> Non
 
 
 def read_frame(image: JpegImagePlugin.JpegImageFile, marker: int) -> None:
-    """PIL's frame reader, after naming what it would refuse as no JPEG at all: samples of
-    other than 8 bits (medical and lossless JPEGs use 12 or 16), or of a precision no JPEG
-    has. Marks a lossless frame."""
+    """PIL's frame reader, after naming what it would refuse as no JPEG at all, or libjpeg
+    as a broken stream: samples of other than 8 bits (medical and lossless JPEGs use 12 or
+    16), a precision or component count no JPEG has, no pixels, or a side over libjpeg's
+    65,500. Marks a lossless frame."""
     assert image.fp is not None
-    length_and_precision = image.fp.read(3)
-    image.fp.seek(-len(length_and_precision), io.SEEK_CUR)
-    if len(length_and_precision) == 3 and int.from_bytes(length_and_precision[:2], "big") >= 8:
-        bits = length_and_precision[2]
+    frame = image.fp.read(8)  # length, precision, height, width, components
+    image.fp.seek(-len(frame), io.SEEK_CUR)
+    if len(frame) == 8 and int.from_bytes(frame[:2], "big") >= 8:
+        _length, bits, height, width, components = struct.unpack(">HBHHB", frame)
         if not 2 <= bits <= 16:  # ITU T.81's range
             raise InvalidImage(f"corrupt image header: a JPEG frame of {bits}-bit samples")
         if bits != 8:
             raise UnsupportedMediaType(f"a {bits}-bit JPEG: only 8-bit JPEGs are served")
+        if width == 0 or height == 0:
+            raise InvalidImage(f"corrupt image header: a JPEG of {width}x{height} pixels")
+        if components == 0:
+            raise InvalidImage("corrupt image header: a JPEG frame of no components")
+        if components not in JPEG_COMPONENTS_SERVED:
+            raise UnsupportedMediaType(
+                f"a JPEG of {components} components: only 1 (grayscale), 3 (colour) or 4 (CMYK) are served"
+            )
+        if max(width, height) > JPEG_MAX_SIDE:
+            raise PayloadTooLarge(f"image is {width}x{height}; libjpeg decodes no JPEG over {JPEG_MAX_SIDE} px a side")
     JpegImagePlugin.SOF(image, marker)
     if marker in LOSSLESS_FRAMES:
         image.info["lossless"] = True
 
 
+JPEG_COMPONENTS_SERVED = (1, 3, 4)  # what PIL reads
+JPEG_MAX_SIDE = 65_500  # libjpeg's JPEG_MAX_DIMENSION
 LOSSLESS_FRAMES = (0xFFC3, 0xFFC7, 0xFFCB, 0xFFCF)  # ITU T.81 table B.1: the lossless processes' frame headers
 JpegImagePlugin.MARKER[0xFFDA] = ("SOS", "Start of scan", read_start_of_scan)
 JpegImagePlugin.MARKER.update(
@@ -115,6 +137,46 @@ ORIENTATIONS = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+
+
+read_bitmap = BmpImagePlugin.BmpImageFile._bitmap
+# Microsoft's compressions PIL does not decode (a BMP holding a JPEG or PNG is for printers).
+BMP_COMPRESSIONS_NOT_SERVED = {
+    4: "a BMP holding a JPEG",
+    5: "a BMP holding a PNG",
+    6: "a BMP of alpha bit fields",
+    11: "a CMYK BMP",
+    12: "a CMYK RLE8 BMP",
+    13: "a CMYK RLE4 BMP",
+}
+
+
+def read_bitmap_header(image: BmpImagePlugin.BmpImageFile, header: int = 0, offset: int = 0) -> None:
+    """PIL's BMP header reader, after naming what it would misread or refuse as corrupt: no
+    BMP at all (text that starts with "BM"), no pixels (PIL reads a negative width as 4
+    billion), and variants of BMP it does not decode."""
+    assert image.fp is not None
+    start = header or image.fp.tell()
+    image.fp.seek(start)
+    fields = image.fp.read(20)  # header size, width, height, planes, bits, compression
+    image.fp.seek(start)
+    header_size = int.from_bytes(fields[:4], "little")
+    if header_size not in BMP_HEADER_SIZES:
+        raise SyntaxError("not a BMP file")  # to PIL's Image.open: not this format
+    if header_size >= 40 and len(fields) == 20:
+        width, height, _planes, bits, compression = struct.unpack("<iiHHI", fields[4:])
+        if width <= 0 or height == 0:
+            raise InvalidImage(f"corrupt image header: a BMP of {width}x{abs(height)} pixels")
+        if compression in BMP_COMPRESSIONS_NOT_SERVED:
+            raise UnsupportedMediaType(
+                f"{BMP_COMPRESSIONS_NOT_SERVED[compression]}: only uncompressed, RLE and bit-field BMPs are served"
+            )
+        if bits == 64:  # GDI+'s 16 bits a channel
+            raise UnsupportedMediaType("a 64-bit BMP: only BMPs of 1 to 32 bits a pixel are served")
+    read_bitmap(image, header, offset)
+
+
+BmpImagePlugin.BmpImageFile._bitmap = read_bitmap_header  # type: ignore[method-assign]
 
 
 def upright(image: Image.Image) -> Image.Image:
@@ -207,6 +269,8 @@ def open_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Image.Imag
     try:
         image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except UnidentifiedImageError:
+        if (signed_as := signature_format(data)) is not None:  # e.g. a PNG of 0 pixels, a GIF's cut header
+            raise InvalidImage(f"corrupt image header: a {signed_as} file whose header PIL cannot read") from None
         raise UnsupportedMediaType(f"not a {SUPPORTED_FORMAT_NAMES} image") from None
     except PIL_READ_ERRORS as error:
         raise InvalidImage(f"corrupt image header: {error}") from None
@@ -222,6 +286,11 @@ def open_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Image.Imag
     else:
         check_pixels(image, limits.max_jpeg_pixels, "for a JPEG")
     return image
+
+
+def signature_format(data: bytes) -> str | None:
+    """The served format whose signature ``data`` begins with, if any."""
+    return next((name for name, signature in FILE_SIGNATURES.items() if signature.match(data)), None)
 
 
 # A marker: 0xFF, then neither a stuffed 0 (entropy-coded data's 0xFF), RST0-7, nor fill 0xFF.

@@ -99,6 +99,20 @@ def png_header_only(width: int, height: int) -> bytes:
     return png_file(width, height, 8, 2, zlib.compress(b"\0" * 1024))
 
 
+def bmp_declaring(width: int, height: int, bits: int = 24, compression: int = 0, pixels: bytes = b"") -> bytes:
+    """A BMP whose BITMAPINFOHEADER declares these fields, followed by ``pixels`` (any bytes)."""
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, bits, compression, len(pixels), 2835, 2835, 0, 0)
+    offset = 14 + len(info)
+    return b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + info + pixels
+
+
+def gif_of_no_pixels() -> bytes:
+    """A GIF written by hand whose screen and only frame are 0x0 (no colour table, an empty LZW stream)."""
+    screen = struct.pack("<HHBBB", 0, 0, 0, 0, 0)
+    frame = b"," + struct.pack("<HHHHB", 0, 0, 0, 0, 0) + b"\x02\x02\x44\x01\x00"  # LZW: clear, end
+    return b"GIF89a" + screen + frame + b";"
+
+
 def png_bomb(side: int) -> bytes:
     """A valid PNG of ``side`` x ``side`` black pixels in under 1 MB: a decompression bomb.
 
@@ -125,13 +139,25 @@ def jpeg_declaring(width: int, height: int, progressive: bool = False) -> bytes:
     return data[: frame + 5] + struct.pack(">HH", height, width) + data[frame + 9 :]
 
 
-def jpeg_declaring_bits(data: bytes, bits: int) -> bytes:
-    """A JPEG whose frame header declares ``bits``-bit samples. Walks the segments: an
-    EXIF thumbnail inside APP1 holds a frame header of its own."""
+def jpeg_frame(data: bytes) -> int:
+    """Where a JPEG's frame header begins. Walks the segments: an EXIF thumbnail inside APP1
+    holds a frame header of its own."""
     position = 2
     while data[position + 1] not in (0xC0, 0xC1, 0xC2, 0xC3):
         position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
-    return data[: position + 4] + bytes([bits]) + data[position + 5 :]
+    return position
+
+
+def jpeg_declaring_bits(data: bytes, bits: int) -> bytes:
+    """A JPEG whose frame header declares ``bits``-bit samples."""
+    precision = jpeg_frame(data) + 4
+    return data[:precision] + bytes([bits]) + data[precision + 1 :]
+
+
+def jpeg_declaring_components(data: bytes, components: int) -> bytes:
+    """A JPEG whose frame header counts ``components`` components; the specifications after it stay the file's."""
+    count = jpeg_frame(data) + 9
+    return data[:count] + bytes([components]) + data[count + 1 :]
 
 
 def jpeg_with_repeated_scans(data: bytes, repeats: int) -> bytes:

@@ -42,7 +42,9 @@ from inception_v3 import engines
 from inception_v3.settings import load_settings, read_settings
 from tests.conftest import CAT_JPEG, split_address, start_launcher
 from tests.images import (
+    bmp_declaring,
     encode,
+    jpeg_declaring,
     jpeg_declaring_bits,
     jpeg_with_repeated_scans,
     picture,
@@ -57,6 +59,7 @@ pytestmark = pytest.mark.servers
 SETTINGS = load_settings()
 CAT = CAT_JPEG.read_bytes()
 SAMPLES = valid_samples()
+BMP_HOLDING_A_PNG = bmp_declaring(96, 64, 0, 5, encode(picture(), "PNG"))
 SCAN_BOMB = jpeg_with_repeated_scans(encode(picture(), "JPEG", progressive=True), 3000)
 TIMEOUT_S = 120  # generous: the box is shared; no test here measures speed
 
@@ -85,6 +88,8 @@ HTTP_BAD_INPUT: dict[str, tuple[str, bytes, dict[str, str | bytes], int]] = {
     "json content type": ("/predict", b'{"image": "cat"}', JSON, 415),
     "tiff": ("/predict", unsupported_samples()["tiff"], {"Content-Type": "image/tiff"}, 415),
     "12-bit jpeg": ("/predict", jpeg_declaring_bits(CAT, 12), {"Content-Type": "image/jpeg"}, 415),
+    "jpeg of 0x0 pixels": ("/predict", jpeg_declaring(0, 0), {"Content-Type": "image/jpeg"}, 400),
+    "bmp holding a png": ("/predict", BMP_HOLDING_A_PNG, {"Content-Type": "image/bmp"}, 415),
     "jpeg of 3000 scans": ("/predict", SCAN_BOMB, {"Content-Type": "image/jpeg"}, 413),
     "pdf as png": ("/predict", unsupported_samples()["pdf"], {"Content-Type": "image/png"}, 415),
     "png bomb 30000x30000": ("/predict", png_bomb(30000), {"Content-Type": "image/png"}, 413),
@@ -292,6 +297,8 @@ GRPC_BAD_INPUT: dict[str, tuple[Any, list[tuple[str, str]] | None, str]] = {
     "truncated jpeg": (image_request(CAT[: len(CAT) // 2]), None, "INVALID_ARGUMENT"),
     "tiff": (image_request(unsupported_samples()["tiff"]), None, "INVALID_ARGUMENT"),
     "12-bit jpeg": (image_request(jpeg_declaring_bits(CAT, 12)), None, "INVALID_ARGUMENT"),
+    "jpeg wider than libjpeg reads": (image_request(jpeg_declaring(65501, 16)), None, "RESOURCE_EXHAUSTED"),
+    "bmp holding a png": (image_request(BMP_HOLDING_A_PNG), None, "INVALID_ARGUMENT"),
     "jpeg of 3000 scans": (image_request(SCAN_BOMB), None, "RESOURCE_EXHAUSTED"),
     "png bomb 30000x30000": (image_request(png_bomb(30000)), None, "RESOURCE_EXHAUSTED"),
     "over the pixel limit": (image_request(png_header_only(7000, 7000)), None, "RESOURCE_EXHAUSTED"),

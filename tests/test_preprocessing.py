@@ -5,6 +5,7 @@ gives the model the right pixels, and every bad input raises the client error
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 
 import grpc
@@ -20,9 +21,12 @@ from tests.images import (
     EXIF_ORIENTATION,
     LOSSLESS_JPEG_PICTURE,
     MISTYPED_EXIF,
+    bmp_declaring,
     encode,
+    gif_of_no_pixels,
     jpeg_declaring,
     jpeg_declaring_bits,
+    jpeg_declaring_components,
     jpeg_header_only,
     jpeg_luma_scan_first,
     jpeg_with_orientation,
@@ -267,16 +271,32 @@ def test_a_baseline_jpeg_keeps_the_jpeg_limit() -> None:
         prepare_image(jpeg_header_only(jpeg_declaring(65500, 1900)))
 
 
-# Refused from the header, before any pixel is decoded.
+# Refused from the header, before any pixel is decoded: (bytes, error, words of its message).
 BAD_HEADERS = {
-    "empty": (b"", InvalidImage),
-    "text": (b"hello, world", UnsupportedMediaType),
-    "html": (b"<html><body>not an image</body></html>", UnsupportedMediaType),
-    **{name: (data, UnsupportedMediaType) for name, data in unsupported_samples().items()},
-    # PIL's PNG parser rejects the header, and PIL cannot tell that from another format.
-    "png-zero-width": (png_header_only(0, 10), UnsupportedMediaType),
-    "png-over-the-pixel-limit": (png_header_only(7000, 7000), PayloadTooLarge),
-    "png-bomb-30000x30000": (png_bomb(30000), PayloadTooLarge),
+    "empty": (b"", InvalidImage, "empty request body"),
+    "text": (b"hello, world", UnsupportedMediaType, "not a JPEG, PNG, WebP, BMP or GIF image"),
+    "text that starts as a bmp's signature": (b"BMW " * 20, UnsupportedMediaType, "not a JPEG"),
+    "html": (b"<html><body>not an image</body></html>", UnsupportedMediaType, "not a JPEG"),
+    **{name: (data, UnsupportedMediaType, "not a JPEG") for name, data in unsupported_samples().items()},
+    "png-zero-width": (png_header_only(0, 10), InvalidImage, "corrupt image header: a PNG file whose header"),
+    "gif-of-no-pixels": (gif_of_no_pixels(), InvalidImage, "corrupt image header: a GIF file whose header"),
+    "png-over-the-pixel-limit": (png_header_only(7000, 7000), PayloadTooLarge, "the limit for PNG"),
+    "png-bomb-30000x30000": (png_bomb(30000), PayloadTooLarge, "30000x30000"),
+    "jpeg-zero-width": (jpeg_declaring(0, 16), InvalidImage, "a JPEG of 0x16 pixels"),
+    "jpeg-zero-height": (jpeg_declaring(16, 0), InvalidImage, "a JPEG of 16x0 pixels"),
+    "jpeg-no-components": (jpeg_declaring_components(SAMPLES["jpeg"], 0), InvalidImage, "no components"),
+    "jpeg-2-components": (jpeg_declaring_components(SAMPLES["jpeg"], 2), UnsupportedMediaType, "of 2 components"),
+    "jpeg-wider-than-libjpeg-reads": (jpeg_declaring(65501, 16), PayloadTooLarge, "over 65500 px a side"),
+    "bmp-negative-width": (bmp_declaring(-640, 480), InvalidImage, "a BMP of -640x480 pixels"),
+    "bmp-zero-height": (bmp_declaring(640, 0), InvalidImage, "a BMP of 640x0 pixels"),
+    "bmp-holding-a-jpeg": (
+        bmp_declaring(96, 64, 0, 4, SAMPLES["jpeg"]),
+        UnsupportedMediaType,
+        "a BMP holding a JPEG: only uncompressed, RLE and bit-field BMPs",
+    ),
+    "bmp-holding-a-png": (bmp_declaring(96, 64, 0, 5, SAMPLES["png"]), UnsupportedMediaType, "holding a PNG"),
+    "bmp-64-bit": (bmp_declaring(8, 8, 64, 0, bytes(512)), UnsupportedMediaType, "a 64-bit BMP"),
+    "bmp-0-bit": (bmp_declaring(8, 8, 0, 0, bytes(512)), InvalidImage, "corrupt image header"),
 }
 # Refused while decoding.
 BAD_PIXELS = {
@@ -289,8 +309,8 @@ BAD_PIXELS = {
 
 @pytest.mark.parametrize("name", sorted(BAD_HEADERS))
 def test_bad_header_raises_its_client_error(name: str) -> None:
-    data, error = BAD_HEADERS[name]
-    with pytest.raises(error):
+    data, error, message = BAD_HEADERS[name]
+    with pytest.raises(error, match=re.escape(message)):
         prepare_image(data)
 
 
