@@ -24,8 +24,9 @@ on every route, becomes TensorFlow Serving's ``{"error": "..."}``; every respons
 beside it. ``?top_k=`` and ``?version=`` are
 read here. The OpenAPI document (``/docs.json``) gets the statuses the service
 really answers and those parameters. The per-request timeout is BentoML's
-(``api_server.traffic.timeout``, 504; ``RequestTimeout`` frees what each request
-held once it is answered); on SIGTERM uvicorn finishes what it holds.
+(``api_server.traffic.timeout``, 504; 408 while the body has not all arrived;
+``RequestTimeout`` frees what each request held once it is answered); on SIGTERM
+uvicorn finishes what it holds.
 
 gRPC (a server interceptor): the same admission; the same per-request timeout
 (DEADLINE_EXCEEDED); request bytes that do not parse get INVALID_ARGUMENT
@@ -93,6 +94,7 @@ FLUSH_S = 0.5  # after the last call in flight has answered, for its bytes to le
 BENTOML_REQUEST_ID = b"x-bentoml-request-id"
 # What the APIs answer besides BentoML's documented 200, 400, 404 and 500.
 DOCUMENTED_ERRORS = (
+    HTTPStatus.REQUEST_TIMEOUT,
     HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
     HTTPStatus.SERVICE_UNAVAILABLE,
@@ -647,25 +649,54 @@ class RequestTimeout(traffic.TimeoutMiddleware):
         loop = asyncio.get_running_loop()
         answering = loop.create_future()
         timer = loop.call_later(self.timeout, self._set_timer_out, answering)
+        body = BodyWatch(receive)
 
         async def send_and_note(message: Message) -> None:
             if not answering.done():
                 answering.set_result(None)
             await send(message)
 
-        answer = asyncio.ensure_future(self.app(scope, receive, send_and_note))
+        answer = asyncio.ensure_future(self.app(scope, body.receive, send_and_note))
         # An app that fails before it answers ends the wait too (BentoML's waited for the timeout).
         answer.add_done_callback(lambda _: answering.done() or answering.set_result(None))
         try:
             await answering
         except TimeoutError:
             if answer.cancel():
-                message = f"not answered within {self.timeout} s"
-                await JSONResponse({"error": message}, status_code=HTTPStatus.GATEWAY_TIMEOUT)(scope, receive, send)
+                if body.awaited:  # the client's fault, not the server's: 408, as nginx answers
+                    status, message = HTTPStatus.REQUEST_TIMEOUT, "the request body did not arrive"
+                else:
+                    status, message = HTTPStatus.GATEWAY_TIMEOUT, "not answered"
+                await JSONResponse({"error": f"{message} within {self.timeout} s"}, status_code=status)(
+                    scope, receive, send
+                )
             return
         finally:
             timer.cancel()
         await answer
+
+
+class BodyWatch:
+    """A request's ``receive``, noting whether the app is waiting for more of the body (``awaited``)."""
+
+    def __init__(self, receive: Receive) -> None:
+        self.inner = receive
+        self.waiting = False
+        self.complete = False
+
+    @property
+    def awaited(self) -> bool:
+        return self.waiting and not self.complete
+
+    async def receive(self) -> Message:
+        self.waiting = True
+        try:
+            message = await self.inner()
+        finally:
+            self.waiting = False
+        if message["type"] != "http.request" or not message.get("more_body"):
+            self.complete = True
+        return message
 
 
 def install(svc: bentoml.legacy.Service, settings: Settings, ready_note: str | None = None) -> None:

@@ -48,7 +48,7 @@ class Route:
     summary: str
     response: dict[str, t.Any]  # JSON schema of the 200 answer
     request: dict[str, t.Any] | None = None  # JSON schema of the body; None: no body
-    errors: tuple[int, ...] = (400, 404, 413, 503, 504)
+    errors: tuple[int, ...] = (400, 404, 408, 413, 503, 504)
 
 
 @dataclass(frozen=True)

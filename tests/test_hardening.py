@@ -12,7 +12,9 @@ import base64
 import concurrent.futures
 import contextlib
 import dataclasses
+import http.client
 import http.server
+import json
 import re
 import signal
 import socket
@@ -753,6 +755,20 @@ def test_stalled_uploads_hold_no_slot(launched: Launched) -> None:
     finally:
         for connection in stalled:
             connection.close()
+
+
+def test_a_stalled_upload_is_408_at_the_request_timeout(http_address: str) -> None:
+    """The client's fault, so not the 504 of a late answer; the door goes on serving."""
+    connection = stalled_upload(http_address)
+    connection.settimeout(SETTINGS.request_timeout_s + TIMEOUT_S)
+    with connection:
+        answer = http.client.HTTPResponse(connection)
+        answer.begin()
+        assert answer.status == 408
+        assert json.loads(answer.read()) == {
+            "error": f"the request body did not arrive within {SETTINGS.request_timeout_s} s"
+        }
+    assert post_image(http_address, CAT).status_code == 200
 
 
 def test_a_client_leaving_mid_body_is_cancelled_not_a_server_error(launched: Launched) -> None:

@@ -1,5 +1,6 @@
 """The per-request timeout of the HTTP API servers and the runner (``guards.RequestTimeout``):
-a late answer is 504, and an answered request is freed at once, not after the timeout."""
+a late answer is 504, or 408 while the client has not sent all the body, and an answered
+request is freed at once, not after the timeout."""
 
 from __future__ import annotations
 
@@ -69,3 +70,45 @@ def test_an_app_that_fails_before_answering_does_not_wait_for_the_timeout() -> N
     with pytest.raises(RuntimeError, match="failed before answering"):
         serve_one(delay_s=0, timeout_s=30, fail=True)
     assert time.monotonic() - started < 5
+
+
+def answer_while_reading(body: list[Message], then_wait_for_disconnect: bool = False) -> tuple[int, dict]:
+    """The timeout's answer to an app that reads the body and then, if it all came, works past
+    the timeout (``then_wait_for_disconnect``: waiting on ``receive`` as streaming answers do).
+    The client sends ``body``'s messages and then nothing."""
+    sent: list[Message] = []
+    pending = list(body)
+
+    async def receive() -> Message:
+        if pending:
+            return pending.pop(0)
+        await asyncio.sleep(60)  # a client that stalls, or stays connected
+        return {"type": "http.disconnect"}
+
+    async def app(_scope: Scope, receive: Receive, _send: Send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        if then_wait_for_disconnect:
+            await receive()
+        await asyncio.sleep(60)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    asyncio.run(RequestTimeout(app, timeout=0.05)({"type": "http"}, receive, send))
+    return sent[0]["status"], json.loads(sent[1]["body"])
+
+
+def test_a_body_that_stops_arriving_is_408() -> None:
+    status, error = answer_while_reading([{"type": "http.request", "body": b"x", "more_body": True}])
+    assert (status, error) == (408, {"error": "the request body did not arrive within 0.05 s"})
+
+
+def test_a_body_that_never_starts_is_408() -> None:
+    assert answer_while_reading([])[0] == 408
+
+
+@pytest.mark.parametrize("then_wait_for_disconnect", [False, True])
+def test_a_late_answer_to_a_whole_body_is_504(then_wait_for_disconnect: bool) -> None:
+    whole = [{"type": "http.request", "body": b"x", "more_body": True}, {"type": "http.request", "body": b"y"}]
+    assert answer_while_reading(whole, then_wait_for_disconnect)[0] == 504
