@@ -92,6 +92,7 @@ LINGER_BYTES = 256 << 20  # of a refused request's body read and dropped, at mos
 LINGER_S = 10
 FLUSH_S = 0.5  # after the last call in flight has answered, for its bytes to leave
 BENTOML_REQUEST_ID = b"x-bentoml-request-id"
+TIMED_OUT_STATUS = "inception_v3.timed_out_status"  # the scope key: what RequestTimeout answered instead
 # What the APIs answer besides BentoML's documented 200, 400, 404 and 500.
 DOCUMENTED_ERRORS = (
     HTTPStatus.REQUEST_TIMEOUT,
@@ -238,7 +239,7 @@ class HttpGuard:
         try:
             await self.guarded(scope, receive, send, headers, answer)
         finally:
-            status = str(answer.get("status", "cancelled"))
+            status = str(answer.get("status") or scope.get(TIMED_OUT_STATUS, "cancelled"))
             metrics().answered("http", self.endpoint(path), status, time.perf_counter() - started)
 
     async def guarded(
@@ -662,11 +663,13 @@ class RequestTimeout(traffic.TimeoutMiddleware):
         try:
             await answering
         except TimeoutError:
-            if answer.cancel():
+            if not answer.done():
                 if body.awaited:  # the client's fault, not the server's: 408, as nginx answers
                     status, message = HTTPStatus.REQUEST_TIMEOUT, "the request body did not arrive"
                 else:
                     status, message = HTTPStatus.GATEWAY_TIMEOUT, "not answered"
+                scope[TIMED_OUT_STATUS] = int(status)  # for HttpGuard's metrics, inside, which the cancel ends
+                answer.cancel()
                 await JSONResponse({"error": f"{message} within {self.timeout} s"}, status_code=status)(
                     scope, receive, send
                 )

@@ -3,7 +3,8 @@
 Metrics: BentoML's own HTTP metrics do not see the answers ``guards`` gives
 before a request reaches an API (413, 503), and its gRPC metrics count a call
 before it has run, so every call counts as "OK" or "500". The guards record each
-request here instead, on both doors, with the status the client really got:
+request here instead, on both doors, with the status the client really got (the
+timeout's 408 or 504 too; "cancelled": the client left before its answer):
 
     inception_v3_requests_total{protocol, endpoint, status}
     inception_v3_request_duration_seconds{protocol, endpoint, status}   (histogram)

@@ -758,7 +758,14 @@ def test_stalled_uploads_hold_no_slot(launched: Launched) -> None:
 
 
 def test_a_stalled_upload_is_408_at_the_request_timeout(http_address: str) -> None:
-    """The client's fault, so not the 504 of a late answer; the door goes on serving."""
+    """The client's fault, so not the 504 of a late answer; counted as a 408 (it was "cancelled");
+    the door goes on serving."""
+
+    def timed_out() -> float:
+        samples = metric_samples(httpx.get(f"http://{http_address}/metrics", timeout=TIMEOUT_S).text)
+        return metric_value(samples, "inception_v3_requests_total", endpoint="/predict", status="408")
+
+    before = timed_out()
     connection = stalled_upload(http_address)
     connection.settimeout(SETTINGS.request_timeout_s + TIMEOUT_S)
     with connection:
@@ -769,6 +776,7 @@ def test_a_stalled_upload_is_408_at_the_request_timeout(http_address: str) -> No
             "error": f"the request body did not arrive within {SETTINGS.request_timeout_s} s"
         }
     assert post_image(http_address, CAT).status_code == 200
+    assert timed_out() == before + 1
 
 
 def test_a_client_leaving_mid_body_is_cancelled_not_a_server_error(launched: Launched) -> None:

@@ -14,7 +14,7 @@ import weakref
 import pytest
 
 from inception_v3.asgi import Message, Receive, Scope, Send
-from inception_v3.guards import RequestTimeout
+from inception_v3.guards import TIMED_OUT_STATUS, RequestTimeout
 
 request_var: contextvars.ContextVar[object] = contextvars.ContextVar("request_var")
 
@@ -72,10 +72,11 @@ def test_an_app_that_fails_before_answering_does_not_wait_for_the_timeout() -> N
     assert time.monotonic() - started < 5
 
 
-def answer_while_reading(body: list[Message], then_wait_for_disconnect: bool = False) -> tuple[int, dict]:
+def answer_while_reading(body: list[Message], then_wait_for_disconnect: bool = False) -> tuple[int, dict, int]:
     """The timeout's answer to an app that reads the body and then, if it all came, works past
     the timeout (``then_wait_for_disconnect``: waiting on ``receive`` as streaming answers do).
-    The client sends ``body``'s messages and then nothing."""
+    The client sends ``body``'s messages and then nothing. Returns the status, the error, and
+    the status the scope tells the guard inside (for its metrics)."""
     sent: list[Message] = []
     pending = list(body)
 
@@ -95,13 +96,14 @@ def answer_while_reading(body: list[Message], then_wait_for_disconnect: bool = F
     async def send(message: Message) -> None:
         sent.append(message)
 
-    asyncio.run(RequestTimeout(app, timeout=0.05)({"type": "http"}, receive, send))
-    return sent[0]["status"], json.loads(sent[1]["body"])
+    scope: Scope = {"type": "http"}
+    asyncio.run(RequestTimeout(app, timeout=0.05)(scope, receive, send))
+    return sent[0]["status"], json.loads(sent[1]["body"]), scope[TIMED_OUT_STATUS]
 
 
 def test_a_body_that_stops_arriving_is_408() -> None:
-    status, error = answer_while_reading([{"type": "http.request", "body": b"x", "more_body": True}])
-    assert (status, error) == (408, {"error": "the request body did not arrive within 0.05 s"})
+    status, error, told = answer_while_reading([{"type": "http.request", "body": b"x", "more_body": True}])
+    assert (status, error, told) == (408, {"error": "the request body did not arrive within 0.05 s"}, 408)
 
 
 def test_a_body_that_never_starts_is_408() -> None:
@@ -111,4 +113,5 @@ def test_a_body_that_never_starts_is_408() -> None:
 @pytest.mark.parametrize("then_wait_for_disconnect", [False, True])
 def test_a_late_answer_to_a_whole_body_is_504(then_wait_for_disconnect: bool) -> None:
     whole = [{"type": "http.request", "body": b"x", "more_body": True}, {"type": "http.request", "body": b"y"}]
-    assert answer_while_reading(whole, then_wait_for_disconnect)[0] == 504
+    status, _, told = answer_while_reading(whole, then_wait_for_disconnect)
+    assert status == told == 504
