@@ -52,7 +52,6 @@ import os
 import signal
 import time
 import typing as t
-import uuid
 from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
 from urllib.parse import parse_qs
@@ -72,7 +71,14 @@ from .auth import DOCS_HTTP_PATHS, HEALTH_GRPC_METHODS, HEALTH_HTTP_PATHS, UNAUT
 from .availability import RunnerUnavailable, RunnerWatch
 from .errors import MethodNotAllowed, PayloadTooLarge, Unauthenticated, register_grpc_status_codes
 from .memory import trimmed_when_idle
-from .observability import REQUEST_ID_KEY, add_trailing_metadata, configure_logging, metrics, request_id
+from .observability import (
+    REQUEST_ID_KEY,
+    add_trailing_metadata,
+    configure_logging,
+    metrics,
+    request_id,
+    request_id_from,
+)
 from .protocols import DOORS
 
 if t.TYPE_CHECKING:
@@ -231,7 +237,7 @@ class HttpGuard:
                 send = rewrite_responses(send, lambda start: self.on_unguarded_start(start, path))
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        rid = headers.get(REQUEST_ID_KEY.encode(), b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        rid = request_id_from(headers.get(REQUEST_ID_KEY.encode(), b"").decode("latin-1"))
         request_id.set(rid)
         started = time.perf_counter()
         answer: dict[str, int] = {}
@@ -556,7 +562,7 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
 
         async def guarded(request: t.Any, context: grpc.aio.ServicerContext) -> t.Any:
             metadata = dict(context.invocation_metadata() or ())
-            rid = str(metadata.get(REQUEST_ID_KEY, ""))[:128] or uuid.uuid4().hex
+            rid = request_id_from(str(metadata.get(REQUEST_ID_KEY, "")))
             request_id.set(rid)
             context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
             started = time.perf_counter()

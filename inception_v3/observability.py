@@ -29,7 +29,9 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
+import re
 import typing as t
+import uuid
 from http import HTTPStatus
 
 from bentoml.exceptions import BentoMLException
@@ -39,6 +41,13 @@ if t.TYPE_CHECKING:
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 REQUEST_ID_KEY = "x-request-id"  # the HTTP header and the gRPC metadata key, both ways
+REQUEST_ID_SENT = re.compile(r"[\x20-\x7e]{1,128}")  # printable ASCII: what gRPC metadata and a log line carry
+
+
+def request_id_from(sent: str) -> str:
+    """The client's request id, cut to 128 characters, or a new one where it sent none or one
+    gRPC cannot send back (another byte made grpcio drop the call's answer)."""
+    return sent[:128] if REQUEST_ID_SENT.fullmatch(sent[:128]) else uuid.uuid4().hex
 
 
 def add_trailing_metadata(context: t.Any, *pairs: tuple[str, str]) -> None:

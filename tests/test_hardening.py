@@ -18,6 +18,7 @@ import json
 import re
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -28,6 +29,9 @@ from typing import Any
 
 import bentoml
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import httpx
 import numpy as np
 import psutil
@@ -312,6 +316,56 @@ GRPC_BAD_INPUT: dict[str, tuple[Any, list[tuple[str, str]] | None, str]] = {
     "batch with an infinity": (batch_request_with_top_k(float("inf")), None, "INVALID_ARGUMENT"),
     "message over the size limit": (image_request(b"\0" * (SETTINGS.max_body_bytes + 1)), None, "RESOURCE_EXHAUSTED"),
 }
+
+
+def unary_call_over_h2(address: str, method: str, message: bytes, metadata: list[tuple[str, str]]) -> dict[str, str]:
+    """A unary gRPC call written with h2, for metadata grpcio refuses to send: the answer's
+    trailers (with ``grpc-status``), or ``{}`` if the stream ended without them."""
+    host, port = split_address(address)
+    connection = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding="utf-8", validate_outbound_headers=False)
+    )
+    with socket.create_connection((host, port), timeout=TIMEOUT_S) as sock:
+        connection.initiate_connection()
+        stream = connection.get_next_available_stream_id()
+        head = [(":method", "POST"), (":scheme", "http"), (":path", method), (":authority", address)]
+        connection.send_headers(stream, [*head, ("content-type", "application/grpc"), ("te", "trailers"), *metadata])
+        framed = struct.pack(">BI", 0, len(message)) + message  # not compressed, length, message
+        while framed:
+            sock.sendall(connection.data_to_send())
+            window = min(connection.local_flow_control_window(stream), connection.max_outbound_frame_size)
+            if window == 0:
+                connection.receive_data(sock.recv(65536))
+                continue
+            connection.send_data(stream, framed[:window], end_stream=len(framed) <= window)
+            framed = framed[window:]
+        sock.sendall(connection.data_to_send())
+        while data := sock.recv(65536):
+            for event in connection.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    connection.acknowledge_received_data(event.flow_controlled_length, stream)
+                if isinstance(event, h2.events.TrailersReceived):
+                    return dict(event.headers)
+                if isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                    return {}
+            sock.sendall(connection.data_to_send())
+    return {}
+
+
+@pytest.mark.parametrize("sent", ["caf\u00e9", "a\x7f"])
+def test_a_request_id_grpc_cannot_send_back_gets_a_new_one(grpc_address: str, sent: str) -> None:
+    """grpcio dropped the call's answer (the client waited for its deadline) and logged a traceback."""
+    call = "/bentoml.grpc.v1.BentoService/Call"
+    trailers = unary_call_over_h2(grpc_address, call, image_request(CAT).SerializeToString(), [("x-request-id", sent)])
+    assert trailers.get("grpc-status") == "0", trailers
+    assert re.fullmatch("[0-9a-f]{32}", trailers["x-request-id"])
+
+
+def test_a_request_id_of_other_than_printable_ascii_gets_a_new_one_over_http(http_address: str) -> None:
+    headers = {"Content-Type": "image/jpeg", "X-Request-ID": "café".encode("latin-1")}
+    response = httpx.post(f"http://{http_address}/predict", content=CAT, headers=headers, timeout=TIMEOUT_S)
+    assert response.status_code == 200
+    assert re.fullmatch("[0-9a-f]{32}", response.headers["x-request-id"])
 
 
 @pytest.mark.parametrize("name", list(GRPC_BAD_INPUT))
