@@ -255,8 +255,8 @@ class HttpGuard:
             if not content_type_is_ascii(scope):
                 raise BadInput(NOT_ASCII)
             take_request_options(query_param(scope, "top_k"), query_param(scope, "version"))
-            declared = headers.get(b"content-length")
-            if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            declared = headers.get(b"content-length", b"").strip()  # RFC 9110: whitespace around is no part of it
+            if declared and (not declared.isdigit() or int(declared) > self.max_body_bytes):
                 raise BodyTooLarge(self.max_body_bytes)
             body = await self.read_body(receive)
             try:

@@ -811,6 +811,18 @@ def test_stalled_uploads_hold_no_slot(launched: Launched) -> None:
             connection.close()
 
 
+@pytest.mark.parametrize("padding", [b" ", b"\t"])
+def test_a_content_length_with_whitespace_after_it_is_read(http_address: str, padding: bytes) -> None:
+    """It was 413 "over the 20971520-byte limit"; the parser takes the value, as RFC 9110 has it."""
+    host, port = split_address(http_address)
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: %d%s\r\n\r\n"
+    with socket.create_connection((host, port), timeout=TIMEOUT_S) as connection:
+        connection.sendall(head % (len(CAT), padding) + CAT)
+        answer = http.client.HTTPResponse(connection)
+        answer.begin()
+        assert answer.status == 200, answer.read()
+
+
 def test_a_stalled_upload_is_408_at_the_request_timeout(http_address: str) -> None:
     """The client's fault, so not the 504 of a late answer; counted as a 408 (it was "cancelled");
     the door goes on serving."""
