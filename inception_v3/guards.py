@@ -223,16 +223,17 @@ class HttpGuard:
         path = scope.get("path", "")
         if scope["type"] == "http" and self.keys and not self.keys.http_path_open(path):
             if not self.keys.allows(dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")):
-                return await refuse(Unauthenticated(UNAUTHORIZED), receive, send, [(b"www-authenticate", b"Bearer")])
+                challenge = [(b"www-authenticate", b"Bearer")]
+                return await refuse(Unauthenticated(UNAUTHORIZED), scope, receive, send, challenge)
         if scope["type"] == "http" and path == "/readyz":
             if scope["method"] not in READINESS_METHODS:
                 allow = [(b"allow", ", ".join(READINESS_METHODS).encode())]
                 answers = " and ".join(READINESS_METHODS)
-                return await refuse(MethodNotAllowed(f"/readyz answers {answers}"), receive, send, allow)
+                return await refuse(MethodNotAllowed(f"/readyz answers {answers}"), scope, receive, send, allow)
             return await self.readiness(send)
         if scope["type"] != "http" or path in UNGUARDED_PATHS or path.startswith("/static"):
             if scope["type"] == "http" and not content_type_is_ascii(scope):
-                return await refuse(BadInput(NOT_ASCII), receive, send)
+                return await refuse(BadInput(NOT_ASCII), scope, receive, send)
             if scope["type"] == "http":
                 send = rewrite_responses(send, lambda start: self.on_unguarded_start(start, path))
             return await self.app(scope, receive, send)
@@ -269,12 +270,15 @@ class HttpGuard:
         except BentoMLException as error:  # the guard's own refusals; the APIs answer theirs
             if "status" in answer:
                 raise
-            await refuse(error, receive, send)
+            await refuse(error, scope, receive, send)
 
     async def readiness(self, send: Send) -> None:
         ready = await self.admission.ready()
         body = self.ready_body if ready else json.dumps({"error": RunnerUnavailable().message}).encode()
-        headers = [(b"content-type", b"text/plain" if ready else b"application/json")]
+        headers = [
+            (b"content-type", b"text/plain" if ready else b"application/json"),
+            (b"content-length", str(len(body)).encode()),  # not chunked: an HTTP/1.0 client reads no chunks
+        ]
         if not ready:
             headers.append((b"retry-after", str(self.retry_after_s).encode()))
         await send({"type": "http.response.start", "status": 200 if ready else 503, "headers": headers})
@@ -354,15 +358,28 @@ def content_type_is_ascii(scope: Scope) -> bool:
 
 
 async def refuse(
-    error: BentoMLException, receive: Receive, send: Send, headers: list[tuple[bytes, bytes]] | None = None
+    error: BentoMLException,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    """Answer ``error`` as JSON before the request's body is read, then read and drop the body."""
+    """Answer ``error`` as JSON before the request's body is read, then read and drop the body;
+    but for a client that waits to send it (``Expect: 100-continue``, as curl does past 1 MB),
+    which the answer tells not to: that connection closes instead (reading would send a 100)."""
     body = json.dumps({"error": error.message}).encode()
-    start_headers = [(b"content-type", b"application/json"), *(headers or [])]
+    waits_to_send = (b"expect", b"100-continue") in ((name, value.lower()) for name, value in scope["headers"])
+    start_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),  # not chunked: an HTTP/1.0 client reads no chunks
+        *([(b"connection", b"close")] if waits_to_send else []),
+        *(headers or []),
+    ]
     await send({"type": "http.response.start", "status": int(error.error_code), "headers": start_headers})
-    await send({"type": "http.response.body", "body": body, "more_body": True})
-    await discard_body(receive)
-    await send({"type": "http.response.body", "body": b""})
+    await send({"type": "http.response.body", "body": body, "more_body": not waits_to_send})
+    if not waits_to_send:
+        await discard_body(receive)
+        await send({"type": "http.response.body", "body": b""})
 
 
 async def discard_body(receive: Receive) -> None:

@@ -823,6 +823,34 @@ def test_a_content_length_with_whitespace_after_it_is_read(http_address: str, pa
         assert answer.status == 200, answer.read()
 
 
+def raw_exchange(address: str, request: bytes) -> bytes:
+    """What the server sends for ``request`` until it closes the connection."""
+    with socket.create_connection(split_address(address), timeout=TIMEOUT_S) as connection:
+        connection.sendall(request)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_a_body_refused_before_it_is_sent_is_not_asked_for(http_address: str) -> None:
+    """``Expect: 100-continue`` (curl's past 1 MB): the 413 at once, not a 100 and then the 413
+    once the body had been sent, or after 10 s of waiting for it; then the connection closes."""
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nExpect: 100-continue\r\n"
+    started = time.monotonic()
+    answer = raw_exchange(http_address, head + b"Content-Length: %d\r\n\r\n" % (50 << 20))
+    assert answer.startswith(b"HTTP/1.1 413 "), answer
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("request_line", [b"GET /readyz HTTP/1.0", b"DELETE /readyz HTTP/1.0"])
+def test_an_http_1_0_client_gets_no_chunks(http_address: str, request_line: bytes) -> None:
+    """HTTP/1.0 has no chunked encoding: /readyz and the guard's refusals say their length."""
+    head, _, body = raw_exchange(http_address, request_line + b"\r\n\r\n").partition(b"\r\n\r\n")
+    assert b"transfer-encoding" not in head.lower()
+    assert b"content-length: %d\r\n" % len(body) in head.lower() + b"\r\n"
+
+
 def test_a_stalled_upload_is_408_at_the_request_timeout(http_address: str) -> None:
     """The client's fault, so not the 504 of a late answer; counted as a 408 (it was "cancelled");
     the door goes on serving."""
