@@ -107,6 +107,15 @@ def test_rest_metadata(rest, serving_version, path):
     assert metadata["metadata"]["engine"] == expected_engine()
 
 
+@pytest.mark.parametrize("path", ["", "/metadata"])
+def test_rest_head_answers_as_get_without_a_body(rest, path):
+    """The route's OPTIONS says GET, POST and HEAD; HEAD was 404 "no such TensorFlow Serving route"."""
+    got = requests.get(rest + path, timeout=10)
+    head = requests.head(rest + path, timeout=10)
+    assert head.status_code == got.status_code == 200
+    assert head.content == b"" and head.headers["content-length"] == got.headers["content-length"]
+
+
 def expected_engine() -> dict:
     """What the runner loads here with the test configuration (engine and precision auto)."""
     import bentoml

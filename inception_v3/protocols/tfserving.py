@@ -93,6 +93,7 @@ PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
 WARNING_KEY = "x-model-warning"  # gRPC metadata keys are lower case
 VERSION_KEY = "x-model-version"  # REST predict answers: the version that answered (gRPC: model_spec)
+READ_METHODS = ("GET", "HEAD")  # the route answers HEAD as GET, as it says it does (uvicorn sends no body)
 
 
 # TF Serving's status codes in GetModelStatus (tensorflow.error.Code): a version that failed is UNKNOWN.
@@ -194,9 +195,9 @@ def rest_app(model: ServedModel) -> Starlette:
     async def models(request: Request) -> JSONResponse:
         try:
             tail, version, verb = parse_path(request)
-            if request.method == "GET" and not verb and tail == "":
+            if request.method in READ_METHODS and not verb and tail == "":
                 return JSONResponse(proto_to_json(await model.status(version)))
-            if request.method == "GET" and not verb and tail == "metadata":
+            if request.method in READ_METHODS and not verb and tail == "metadata":
                 return JSONResponse(metadata_json(model, await model.available(version)))
             if request.method == "POST" and verb == "predict" and tail == "":
                 async with model.versioned(version):
