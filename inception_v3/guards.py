@@ -10,10 +10,12 @@ same way, and HTTP ``/readyz`` and gRPC health (``Check``) say not ready, as
 they do once a drain has begun. With API keys configured (``auth``), every
 route but health, metrics and the docs needs one first: 401 / UNAUTHENTICATED.
 
-HTTP (an ASGI middleware): bodies over ``max_body_bytes`` get 413 before they
-are read (a chunked body is counted as it arrives), and the body of a request
-refused before it was read is then read and dropped, up to a bound, so that
-clients that send it all before reading see the answer. A request takes its slot
+HTTP (an ASGI middleware, over ``http_parser``'s bounds on each request's head):
+bodies over ``max_body_bytes`` get 413 before they are read (a chunked body is
+counted as it arrives), and the body of a request refused before it was read is
+then read and dropped, up to a bound, so that clients that send it all before
+reading see the answer (one that waits to send it, ``Expect: 100-continue``, is
+not asked for it). A request takes its slot
 once its body has arrived, so a client that sends slowly or stalls holds none
 (when it held one until the timeout, 32 stalled connections shut the door). The
 bodies held at once are bounded by as many full-size bodies as there are slots
@@ -64,7 +66,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 from starlette.responses import JSONResponse
 
-from . import grpc_certificates, http_client_certificates, versions
+from . import grpc_certificates, http_client_certificates, http_parser, versions
 from .api import requested_top_k, requested_version
 from .asgi import ERROR_SCHEMA, BodyRewrite, Message, Receive, Scope, Send, rewrite_responses
 from .auth import DOCS_HTTP_PATHS, HEALTH_GRPC_METHODS, HEALTH_HTTP_PATHS, UNAUTHORIZED, ApiKeys, api_keys
@@ -728,6 +730,7 @@ class BodyWatch:
 def install(svc: bentoml.legacy.Service, settings: Settings, ready_note: str | None = None) -> None:
     """``ready_note``: what ``/readyz`` says besides "ready" (the warning for random weights)."""
     traffic.TimeoutMiddleware = RequestTimeout
+    http_parser.install(settings.head_limits)
     register_grpc_status_codes()
     grpc_certificates.install()
     http_client_certificates.install()

@@ -27,6 +27,14 @@ RUNNER_MODES = ("auto", "shared", "embedded")
 
 
 @dataclass(frozen=True)
+class HeadLimits:
+    """An HTTP request's head (request line and headers), before the guard sees it (``http_parser``)."""
+
+    timeout_s: float = 20
+    max_bytes: int = 64 << 10
+
+
+@dataclass(frozen=True)
 class Settings:
     model_tag: str
     model_store: str | None  # a model store directory to watch instead of BentoML's (a mounted volume)
@@ -42,6 +50,7 @@ class Settings:
     default_top_k: int
     max_body_bytes: int
     decode_limits: DecodeLimits
+    head_limits: HeadLimits
     max_images_per_request: int
     request_timeout_s: float
     max_concurrency: int
@@ -119,6 +128,10 @@ def read_settings(path: Path) -> Settings:
             max_image_pixels=own["max_image_pixels"],
             max_jpeg_pixels=own["max_jpeg_pixels"],
             max_jpeg_scans=own.get("max_jpeg_scans", DecodeLimits.max_jpeg_scans),
+        ),
+        head_limits=HeadLimits(
+            timeout_s=own.get("head_timeout_s", HeadLimits.timeout_s),
+            max_bytes=own.get("max_head_bytes", HeadLimits.max_bytes),
         ),
         max_images_per_request=own["max_images_per_request"],
         request_timeout_s=api_server["traffic"]["timeout"],

@@ -851,6 +851,49 @@ def test_an_http_1_0_client_gets_no_chunks(http_address: str, request_line: byte
     assert b"content-length: %d\r\n" % len(body) in head.lower() + b"\r\n"
 
 
+def test_a_request_head_that_stops_is_408_and_a_silent_connection_closes(http_address: str) -> None:
+    """uvicorn kept both open for good (slowloris on the head)."""
+    limit = SETTINGS.head_limits.timeout_s
+    with (
+        socket.create_connection(split_address(http_address), timeout=limit + TIMEOUT_S) as half_head,
+        socket.create_connection(split_address(http_address), timeout=limit + TIMEOUT_S) as silent,
+    ):
+        started = time.monotonic()
+        half_head.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+        answer = http.client.HTTPResponse(half_head)
+        answer.begin()
+        assert answer.status == 408
+        assert json.loads(answer.read()) == {
+            "error": f"no whole request head (request line and headers) within {limit} s"
+        }
+        assert silent.recv(1) == b""  # closed, with no answer to no request
+        assert time.monotonic() - started < limit + 10
+    assert post_image(http_address, CAT).status_code == 200
+
+
+def test_a_request_head_over_the_limit_is_431(http_address: str) -> None:
+    """uvicorn read any size: one 100 MB header held the event loop 5.8 s."""
+    header = b"X-Padding: " + b"a" * SETTINGS.head_limits.max_bytes + b"\r\n"
+    answer = raw_exchange(http_address, b"GET /readyz HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 ") and b"content-type: application/json" in head
+    assert json.loads(body) == {
+        "error": f"request head (request line and headers) over {SETTINGS.head_limits.max_bytes} bytes"
+    }
+    assert (
+        post_image(http_address, CAT, **{"X-Padding": "a" * (SETTINGS.head_limits.max_bytes // 2)}).status_code == 200
+    )
+
+
+@pytest.mark.parametrize(
+    "request_head", [b"POST /predict HTTP/1.1\r\nContent-Length: abc", b"GET /readyz HTTP/9.9", b"GET /\x00 HTTP/1.1"]
+)
+def test_a_request_the_parser_cannot_read_is_400_in_json(http_address: str, request_head: bytes) -> None:
+    head, _, body = raw_exchange(http_address, request_head + b"\r\nHost: x\r\n\r\n").partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head
+    assert "does not parse" in json.loads(body)["error"]
+
+
 def test_a_stalled_upload_is_408_at_the_request_timeout(http_address: str) -> None:
     """The client's fault, so not the 504 of a late answer; counted as a 408 (it was "cancelled");
     the door goes on serving."""
