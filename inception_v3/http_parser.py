@@ -7,13 +7,15 @@ could not parse with a text 400. Here a head (the request line and headers) must
 arrive within ``head_timeout_s`` (else 408) and ``max_head_bytes`` (else 431):
 timed from a new connection's start (one that sends nothing is closed) or from
 its first byte on a kept-alive connection. The parser's answers are JSON
-``{"error": ...}``, as the guard's are, and close the connection.
+``{"error": ...}``, as the guard's are, and close the connection. An ``Upgrade`` the
+server does not serve (all but WebSocket's) is renamed before the parser sees it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import typing as t
 import weakref
 from dataclasses import dataclass
@@ -24,6 +26,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from .settings import HeadLimits
 
 INVALID_REQUEST = "invalid HTTP request: its request line or a header does not parse"
+# An Upgrade header other than WebSocket's (curl --http2 sends "h2c" on http://): httptools stops
+# at it and the body was lost (400 "empty request body"); renamed, the request is plain HTTP/1.1.
+UNSERVED_UPGRADE = re.compile(rb"(?i)(?<=\n)upgrade:(?![ \t]*websocket)")
 limits = HeadLimits()  # install sets the configured ones
 connection_made = HttpToolsProtocol.connection_made
 data_received = HttpToolsProtocol.data_received
@@ -79,17 +84,19 @@ def connection_made_awaiting_head(protocol: HttpToolsProtocol, transport: t.Any)
 
 
 def data_received_counted(protocol: HttpToolsProtocol, data: bytes) -> None:
-    """Counts a head's bytes before the parser reads them: to where it ends, if it ends here."""
+    """Counts a head's bytes before the parser reads them (to where it ends, if it ends here),
+    and renames an Upgrade header it would stop at."""
     if (head := awaited.get(protocol)) is not None:
         seen = head.tail + data
         end = seen.find(b"\r\n\r\n")
-        received = head.received + (len(data) if end < 0 else end + 4 - len(head.tail))
-        if received > limits.max_bytes:
+        in_head = len(data) if end < 0 else end + 4 - len(head.tail)  # of these bytes
+        if head.received + in_head > limits.max_bytes:
             message = f"request head (request line and headers) over {limits.max_bytes} bytes"
             return answer_and_close(protocol, HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, message)
-        head.received, head.tail = received, seen[-3:]
+        head.received, head.tail = head.received + in_head, seen[-3:]
         if head.timer is None:
             head.timer = start_head_timer(protocol)
+        data = UNSERVED_UPGRADE.sub(b"X-Unserved-Upgrade:", data[:in_head]) + data[in_head:]
     data_received(protocol, data)
 
 

@@ -894,6 +894,20 @@ def test_a_request_the_parser_cannot_read_is_400_in_json(http_address: str, requ
     assert "does not parse" in json.loads(body)["error"]
 
 
+@pytest.mark.parametrize("upgrade", ["h2c", "x"])
+def test_an_upgrade_not_served_keeps_the_body(http_address: str, upgrade: str) -> None:
+    """curl --http2 on http:// asks for h2c: httptools stopped at the Upgrade, and the image was lost
+    (400 "empty request body"); the request is now served as HTTP/1.1."""
+    upgrade_headers = {
+        "Connection": "Upgrade, HTTP2-Settings",
+        "Upgrade": upgrade,
+        "HTTP2-Settings": "AAMAAABkAAQCAAAA",
+    }
+    response = post_image(http_address, CAT, **upgrade_headers)
+    assert response.status_code == 200, response.text
+    assert response.json()["label"] == post_image(http_address, CAT).json()["label"]
+
+
 def test_a_stalled_upload_is_408_at_the_request_timeout(http_address: str) -> None:
     """The client's fault, so not the 504 of a late answer; counted as a 408 (it was "cancelled");
     the door goes on serving."""
