@@ -7,8 +7,8 @@ could not parse with a text 400. Here a head (the request line and headers) must
 arrive within ``head_timeout_s`` (else 408) and ``max_head_bytes`` (else 431):
 timed from a new connection's start (one that sends nothing is closed) or from
 its first byte on a kept-alive connection. The parser's answers are JSON
-``{"error": ...}``, as the guard's are, and close the connection. An ``Upgrade`` the
-server does not serve (all but WebSocket's) is renamed before the parser sees it.
+``{"error": ...}``, as the guard's are, and close the connection. An ``Upgrade`` header
+is renamed before the parser sees it: no other protocol is served.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from .settings import HeadLimits
 
 INVALID_REQUEST = "invalid HTTP request: its request line or a header does not parse"
-# An Upgrade header other than WebSocket's (curl --http2 sends "h2c" on http://): httptools stops
-# at it and the body was lost (400 "empty request body"); renamed, the request is plain HTTP/1.1.
-UNSERVED_UPGRADE = re.compile(rb"(?i)(?<=\n)upgrade:(?![ \t]*websocket)")
+# An Upgrade header: the service serves no other protocol (curl --http2 asks for h2c on http://, a
+# WebSocket client for websocket). httptools stops at it: the body was lost (400 "empty request
+# body"), and a WebSocket handshake got uvicorn's bare 400 or 403. Renamed, the request is HTTP/1.1.
+UNSERVED_UPGRADE = re.compile(rb"(?i)(?<=\n)upgrade:")
 limits = HeadLimits()  # install sets the configured ones
 connection_made = HttpToolsProtocol.connection_made
 data_received = HttpToolsProtocol.data_received

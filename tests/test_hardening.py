@@ -894,14 +894,16 @@ def test_a_request_the_parser_cannot_read_is_400_in_json(http_address: str, requ
     assert "does not parse" in json.loads(body)["error"]
 
 
-@pytest.mark.parametrize("upgrade", ["h2c", "x"])
+@pytest.mark.parametrize("upgrade", ["h2c", "websocket", "x"])
 def test_an_upgrade_not_served_keeps_the_body(http_address: str, upgrade: str) -> None:
     """curl --http2 on http:// asks for h2c: httptools stopped at the Upgrade, and the image was lost
-    (400 "empty request body"); the request is now served as HTTP/1.1."""
+    (400 "empty request body"); a WebSocket handshake got a bare 400. Now served as HTTP/1.1."""
     upgrade_headers = {
         "Connection": "Upgrade, HTTP2-Settings",
         "Upgrade": upgrade,
         "HTTP2-Settings": "AAMAAABkAAQCAAAA",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
     }
     response = post_image(http_address, CAT, **upgrade_headers)
     assert response.status_code == 200, response.text
