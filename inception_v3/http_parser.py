@@ -21,7 +21,7 @@ import weakref
 from dataclasses import dataclass
 from http import HTTPStatus
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from .settings import HeadLimits
 
@@ -97,7 +97,8 @@ def data_received_counted(protocol: HttpToolsProtocol, data: bytes) -> None:
         head.received, head.tail = head.received + in_head, seen[-3:]
         if head.timer is None:
             head.timer = start_head_timer(protocol)
-        data = UNSERVED_UPGRADE.sub(b"X-Unserved-Upgrade:", data[:in_head]) + data[in_head:]
+        if UNSERVED_UPGRADE.search(data, 0, in_head):  # rare: the body's bytes are copied only then
+            data = UNSERVED_UPGRADE.sub(b"X-Unserved-Upgrade:", data[:in_head]) + data[in_head:]
     data_received(protocol, data)
 
 
@@ -129,7 +130,7 @@ def answer_and_close(protocol: HttpToolsProtocol, status: HTTPStatus, message: s
     if protocol.transport.is_closing():
         return
     body = json.dumps({"error": message}).encode()
-    head = [f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode()]
+    head = [STATUS_LINE[status]]
     head += [name + b": " + value + b"\r\n" for name, value in protocol.server_state.default_headers]
     head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body), b"connection: close\r\n"]
     protocol.transport.write(b"".join([*head, b"\r\n", body]))

@@ -135,7 +135,7 @@ def jpeg_declaring(width: int, height: int, progressive: bool = False) -> bytes:
     """A 16x16 JPEG whose frame header declares ``width`` x ``height``: a few hundred bytes
     that libjpeg decodes at that size, padding the missing blocks."""
     data = encode(picture(16, 16), "JPEG", progressive=progressive)
-    frame = data.index(b"\xff\xc2" if progressive else b"\xff\xc0")
+    frame = jpeg_frame(data)
     return data[: frame + 5] + struct.pack(">HH", height, width) + data[frame + 9 :]
 
 
